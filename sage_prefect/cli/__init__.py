@@ -1,0 +1,1 @@
+"""L6 tools: the ``sage-prefect`` command."""

@@ -1,0 +1,67 @@
+"""Shared fixtures: an isolated project home, a real Prefect API, real Dask clusters on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+# Isolate every state directory before Prefect/Dask read their settings at import.
+_ROOT = Path(tempfile.mkdtemp(prefix="sage-tests-"))
+os.environ["SAGE_HOME"] = str(_ROOT / "sage-home")
+os.environ["PREFECT_HOME"] = str(_ROOT / "prefect-home")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("DASK_DISTRIBUTED__WORKER__DAEMON", "False")
+os.environ.setdefault("DASK_TEMPORARY_DIRECTORY", str(_ROOT / "dask"))
+os.environ.pop("SAGE_CONFIG", None)
+os.environ.pop("SAGE_DASK_ADDRESS", None)
+os.environ.pop("PREFECT_API_URL", None)
+
+import pytest  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow test: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """A real Prefect API server (subprocess, SQLite) for the whole session."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture(scope="session")
+def fake_gpu_cluster() -> Iterator[object]:
+    """An in-process Dask cluster on 127.0.0.1: worker ``gpu-0`` carries a *fake* GPU label, ``cpu-0`` CPU."""
+    from sage_prefect.dask_gpu import local_cluster
+
+    cluster = local_cluster(n_gpu_workers=1, n_cpu_workers=1, threads_per_worker=2, processes=False)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def sage_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("SAGE_HOME", str(home))
+    return home
