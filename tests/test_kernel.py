@@ -45,7 +45,10 @@ DOCS = [{"id": i, "text": f"doc {i}"} for i in range(100)]
 @pytest.fixture
 def env(fake_gpu_cluster: Any, sage_home: Path) -> DaskEnvironment:
     return DaskEnvironment(
-        f"test-{uuid.uuid4().hex[:6]}", address=fake_gpu_cluster.scheduler_address, batch_size=25, progress=False
+        f"test-{uuid.uuid4().hex[:6]}",
+        address=fake_gpu_cluster.scheduler_address,
+        batch_size=25,
+        progress=False,
     )
 
 
@@ -107,7 +110,9 @@ def test_sources_table_dataframe_collection_and_source_class(env: DaskEnvironmen
 
 
 def test_stages_are_pipelined_without_a_barrier(fake_gpu_cluster: Any, sage_home: Path) -> None:
-    env = DaskEnvironment("pipelined", address=fake_gpu_cluster.scheduler_address, batch_size=10, progress=False)
+    env = DaskEnvironment(
+        "pipelined", address=fake_gpu_cluster.scheduler_address, batch_size=10, progress=False
+    )
     (
         env.from_batch(DOCS[:60])
         .map(Stamp, {"tag": "a", "sleep": 0.3}, resources={"GPU": 1})
@@ -160,14 +165,18 @@ def test_operator_error_names_operator_and_partition(env: DaskEnvironment) -> No
 
 
 def test_retries_are_honoured(env: DaskEnvironment, tmp_path: Path) -> None:
-    env.from_batch(DOCS[:50]).map(FlakyUntil, {"dir": str(tmp_path), "fail_times": 2}, retries=2).sink(CollectSink)
+    env.from_batch(DOCS[:50]).map(FlakyUntil, {"dir": str(tmp_path), "fail_times": 2}, retries=2).sink(
+        CollectSink
+    )
     assert env.submit().collected.num_rows == 50  # type: ignore[union-attr]
     assert sorted(p.read_text() for p in tmp_path.glob("attempts-*")) == ["3", "3"]
 
     again = tmp_path / "again"
     again.mkdir()
     other = DaskEnvironment("retries", address=env.address, batch_size=25, progress=False)
-    other.from_batch(DOCS[:25]).map(FlakyUntil, {"dir": str(again), "fail_times": 2}, retries=1).sink(CollectSink)
+    other.from_batch(DOCS[:25]).map(FlakyUntil, {"dir": str(again), "fail_times": 2}, retries=1).sink(
+        CollectSink
+    )
     with pytest.raises(OperatorError, match="FlakyUntil.*partition 0.*flaky failure 2"):
         other.submit()
     assert (again / "attempts-0").read_text() == "2"
@@ -230,7 +239,9 @@ def test_cache_reuses_persisted_arrow_results(fake_gpu_cluster: Any, sage_home: 
     counter = tmp_path / "count"
     results = []
     for _ in range(2):
-        env = DaskEnvironment("cached", address=fake_gpu_cluster.scheduler_address, batch_size=50, progress=False)
+        env = DaskEnvironment(
+            "cached", address=fake_gpu_cluster.scheduler_address, batch_size=50, progress=False
+        )
         env.from_batch(DOCS).map(Counted, {"file": str(counter)}, cache=True).sink(CollectSink)
         results.append(env.submit().to_pylist())
     assert results[0] == results[1]

@@ -14,7 +14,9 @@ from rich.table import Table
 
 from sage_prefect.common.errors import SageError
 
-app = typer.Typer(help="SAGE-style LLM/AI pipelines as Prefect flows on a Dask GPU/CPU cluster.", no_args_is_help=True)
+app = typer.Typer(
+    help="SAGE-style LLM/AI pipelines as Prefect flows on a Dask GPU/CPU cluster.", no_args_is_help=True
+)
 cluster_app = typer.Typer(help="Dask clusters with GPU/CPU resource labels.", no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
 console = Console()
@@ -44,9 +46,9 @@ def run(
     if batch_size is not None:
         kwargs["batch_size"] = batch_size
     try:
-        env = DaskEnvironment(pipeline.stem, address=address, **kwargs) if address else None
+        remote = DaskEnvironment(pipeline.stem, address=address, **kwargs) if address else None
         local = {"n_cpu_workers": cpu_workers, "n_gpu_workers": gpu_workers, **kwargs}
-        env = load_pipeline(pipeline, env=env, **({} if env else local))
+        env = load_pipeline(pipeline, env=remote, **({} if remote else local))
         started = time.perf_counter()
         with console.status(f"running {env.name} ..."):
             result = env.submit(autostop=True)
@@ -70,7 +72,9 @@ def run(
 def cluster_up(
     host: Annotated[str, typer.Option(help="Address to listen on (default loopback only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Scheduler port.")] = 8786,
-    gpu_workers: Annotated[int | None, typer.Option(min=0, help="GPU workers (default: one per GPU).")] = None,
+    gpu_workers: Annotated[
+        int | None, typer.Option(min=0, help="GPU workers (default: one per GPU).")
+    ] = None,
     cpu_workers: Annotated[int | None, typer.Option(min=0, help="CPU workers (default: cores left).")] = None,
     threads: Annotated[int, typer.Option(min=1, help="Threads per CPU worker.")] = 1,
 ) -> None:
@@ -97,7 +101,9 @@ def cluster_up(
 
 @app.command()
 def doctor(
-    address: Annotated[str | None, typer.Option(help="Dask scheduler to check (default SAGE_DASK_ADDRESS).")] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Dask scheduler to check (default SAGE_DASK_ADDRESS).")
+    ] = None,
 ) -> None:
     """What is installed, which GPUs are seen, whether the Prefect API and Dask are reachable."""
     from sage_prefect.common.settings import load_settings
@@ -122,7 +128,9 @@ def doctor(
         table.add_row("settings", "[red]invalid", str(exc))
         settings = None
     gpus = detect_gpus()
-    table.add_row("GPUs", "[green]ok", ", ".join(f"{g.index}: {g.name}" for g in gpus) or "none seen (CPU only)")
+    table.add_row(
+        "GPUs", "[green]ok", ", ".join(f"{g.index}: {g.name}" for g in gpus) or "none seen (CPU only)"
+    )
     prefect_ok, prefect_detail = _prefect_health()
     ok &= prefect_ok
     table.add_row("Prefect API", "[green]ok" if prefect_ok else "[red]unreachable", prefect_detail)
@@ -132,7 +140,9 @@ def doctor(
         ok &= reachable
         table.add_row("Dask scheduler", "[green]ok" if reachable else "[red]unreachable", address)
     else:
-        table.add_row("Dask scheduler", "[green]ok", "local cluster started per run (set SAGE_DASK_ADDRESS to join one)")
+        table.add_row(
+            "Dask scheduler", "[green]ok", "local cluster started per run (set SAGE_DASK_ADDRESS to join one)"
+        )
     console.print(table)
     if not ok:
         raise typer.Exit(code=1)

@@ -25,9 +25,7 @@ def check_record(record: Any, where: str, index: int) -> dict[str, Any]:
     return record
 
 
-def records_to_table(
-    records: Sequence[Any], where: str, schema: pa.Schema | None = None
-) -> pa.Table:
+def records_to_table(records: Sequence[Any], where: str, schema: pa.Schema | None = None) -> pa.Table:
     """Convert dict records to a table; every record must be a dict with Arrow-compatible values."""
     for i, record in enumerate(records):
         check_record(record, where, i)
@@ -38,7 +36,9 @@ def records_to_table(
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
         field = _bad_field(records)
         detail = f" in field {field!r}" if field else ""
-        raise RecordError(f"{where}: records cannot be carried as Arrow{detail}: {exc}", field=field) from None
+        raise RecordError(
+            f"{where}: records cannot be carried as Arrow{detail}: {exc}", field=field
+        ) from None
 
 
 def table_to_records(table: pa.Table) -> list[dict[str, Any]]:

@@ -7,7 +7,8 @@ GPU discovery (`detect_gpus`), local clusters with ``gpu-{i}``/``cpu-{i}`` worke
 
 >>> from distributed import Client
 >>> from sage_prefect.dask_gpu import annotate, local_cluster, resolve_resources, worker_resources
->>> with local_cluster(n_gpu_workers=1, processes=False) as cluster, Client(cluster) as client:  # doctest: +SKIP
+>>> with local_cluster(n_gpu_workers=1, processes=False) as cluster:  # doctest: +SKIP
+...     client = Client(cluster)
 ...     labels = resolve_resources("embed", {"GPU": 1}, worker_resources(client), allow_cpu_fallback=False)
 ...     with annotate(labels):
 ...         future = client.submit(sum, [1, 2])
@@ -21,7 +22,12 @@ from sage_prefect.dask_gpu.cluster import (
     local_cluster_from_settings,
 )
 from sage_prefect.dask_gpu.gpus import GPUInfo, detect_gpus
-from sage_prefect.dask_gpu.placement import annotate, resolve_resources, worker_resources, worker_resources_async
+from sage_prefect.dask_gpu.placement import (
+    annotate,
+    resolve_resources,
+    worker_resources,
+    worker_resources_async,
+)
 from sage_prefect.dask_gpu.runner import cluster_address_reachable, task_runner
 from sage_prefect.dask_gpu.serve import serve_cluster
 

@@ -59,6 +59,21 @@ class WorkerSpec:
     env: dict[str, str] = field(default_factory=dict)
 
 
+class _Cluster(SpecCluster):
+    """A `SpecCluster` that leaves no event-loop thread behind when it fails to start."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        try:
+            super().__init__(**kwargs)
+        except BaseException:
+            # SpecCluster closes what it started but not its loop thread when the
+            # scheduler itself fails (e.g. port in use).
+            loop_runner = getattr(self, "_loop_runner", None)
+            if loop_runner is not None:
+                loop_runner.stop()
+            raise
+
+
 def _gpu_pin(i: int, gpus: list[GPUInfo]) -> str:
     """The ``CUDA_VISIBLE_DEVICES`` value of GPU worker ``i``."""
     if gpus:
@@ -145,9 +160,7 @@ def local_cluster(
     protocol = "tcp://"
     worker_cls: type[Nanny] | type[Worker] = Nanny if processes else Worker
     if memory_limit == "auto":
-        limit: str | int | None = (
-            parse_memory_limit("auto", 1, n_total, logger=logger) if processes else None
-        )
+        limit: str | int | None = parse_memory_limit("auto", 1, n_total, logger=logger) if processes else None
     else:
         limit = memory_limit
     common: dict[str, Any] = {
@@ -178,12 +191,16 @@ def local_cluster(
     for i in range(n_cpu):
         name = f"cpu-{i}"
         _check_name(name, seen)
-        workers[name] = spec(threads_per_worker, {CPU_LABEL: float(threads_per_worker)}, {"CUDA_VISIBLE_DEVICES": ""})
+        workers[name] = spec(
+            threads_per_worker, {CPU_LABEL: float(threads_per_worker)}, {"CUDA_VISIBLE_DEVICES": ""}
+        )
     for extra in extras:
         _check_name(extra.name, seen)
         if extra.nthreads < 1:
             raise ConfigError(f"worker {extra.name!r} needs at least one thread", field="extra_workers")
-        workers[extra.name] = spec(extra.nthreads, {k: float(v) for k, v in extra.resources.items()}, extra.env)
+        workers[extra.name] = spec(
+            extra.nthreads, {k: float(v) for k, v in extra.resources.items()}, extra.env
+        )
 
     scheduler: dict[str, Any] = {
         "cls": Scheduler,
@@ -197,13 +214,19 @@ def local_cluster(
             "dashboard_address": f"{host}:{DASHBOARD_PORT if dashboard else 0}",
         },
     }
-    return SpecCluster(
-        workers=workers,
-        scheduler=scheduler,
-        asynchronous=False,
-        silence_logs=silence_logs,
-        name="sage-local",
-    )
+    try:
+        return _Cluster(
+            workers=workers,
+            scheduler=scheduler,
+            asynchronous=False,
+            silence_logs=silence_logs,
+            name="sage-local",
+        )
+    except RuntimeError as exc:
+        where = f"{host}:{scheduler_port}" if scheduler_port else host
+        raise RuntimeError(
+            f"could not start the local Dask cluster on {where} (port in use?): {exc}"
+        ) from exc
 
 
 def local_cluster_from_settings(settings: SageSettings, **overrides: Any) -> SpecCluster:
@@ -213,7 +236,8 @@ def local_cluster_from_settings(settings: SageSettings, **overrides: Any) -> Spe
     ``host``; ``dask_address`` is the caller's business (set means: do not start one).
 
     >>> from sage_prefect.common import SageSettings
-    >>> cluster = local_cluster_from_settings(SageSettings(processes=False), n_gpu_workers=0)  # doctest: +SKIP
+    >>> settings = SageSettings(processes=False)
+    >>> cluster = local_cluster_from_settings(settings, n_gpu_workers=0)  # doctest: +SKIP
     >>> cluster.close()  # doctest: +SKIP
     """
     options: dict[str, Any] = {

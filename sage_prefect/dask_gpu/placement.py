@@ -49,7 +49,9 @@ def worker_resources(client: Client) -> dict[str, dict[str, float]]:
     {'gpu-0': {'GPU': 1.0}, 'cpu-0': {'CPU': 1.0}}
     """
     if client.asynchronous:
-        raise TypeError("worker_resources() needs a synchronous Client; use `await worker_resources_async(client)`")
+        raise TypeError(
+            "worker_resources() needs a synchronous Client; use `await worker_resources_async(client)`"
+        )
     return _resources_from_identity(client.scheduler_info(n_workers=-1))
 
 
@@ -59,6 +61,8 @@ async def worker_resources_async(client: Client) -> dict[str, dict[str, float]]:
     >>> async with Client(address, asynchronous=True) as client:  # doctest: +SKIP
     ...     resources = await worker_resources_async(client)
     """
+    if client.scheduler is None:
+        raise RuntimeError("the client is not connected to a scheduler")
     identity = await client.scheduler.identity(n_workers=-1)
     return _resources_from_identity(identity)
 
@@ -129,7 +133,9 @@ def resolve_resources(
     message = f"operator {operator!r} asks for resources {{{asked}}}, but {problem}; {_describe(available)}"
     if allow_cpu_fallback:
         fallback = _default(available)
-        logger.warning("%s -- running it %s (CPU fallback)", message, f"as {fallback}" if fallback else "unconstrained")
+        logger.warning(
+            "%s -- running it %s (CPU fallback)", message, f"as {fallback}" if fallback else "unconstrained"
+        )
         return fallback
     raise ResourceUnavailableError(message, operator=operator, label=missing[0], labels=tuple(missing))
 

@@ -11,14 +11,14 @@ True
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
+import threading
 from typing import TYPE_CHECKING, Any
 
-from distributed.comm import connect
+from distributed.comm.core import connect
 
 if TYPE_CHECKING:
-    from prefect_dask import DaskTaskRunner
+    from prefect_dask.task_runners import DaskTaskRunner
 
 logger = logging.getLogger("sage_prefect.dask_gpu")
 
@@ -33,27 +33,28 @@ def task_runner(address: str, *, client_kwargs: dict[str, Any] | None = None) ->
     >>> @flow(task_runner=task_runner("tcp://127.0.0.1:8786"))  # doctest: +SKIP
     ... def pipeline() -> None: ...
     """
-    from prefect_dask import DaskTaskRunner
+    from prefect_dask.task_runners import DaskTaskRunner
 
     return DaskTaskRunner(address=address, client_kwargs=client_kwargs)
 
 
-async def _probe(address: str, timeout: float) -> bool:
-    comm = await connect(address, timeout=timeout)
+async def _probe(address: str, connect_timeout_s: float) -> bool:
+    comm = await connect(address, timeout=connect_timeout_s)
     try:
-        await asyncio.wait_for(comm.write({"op": "identity", "n_workers": 0, "reply": True}), timeout)
-        reply = await asyncio.wait_for(comm.read(), timeout)
+        await comm.write({"op": "identity", "n_workers": 0, "reply": True})
+        reply = await comm.read()
     finally:
         comm.abort()
     return isinstance(reply, dict) and reply.get("type") == "Scheduler"
 
 
-def _probe_sync(address: str, timeout: float) -> bool:
+def _probe_sync(address: str, timeout: float, result: list[bool]) -> None:
     try:
-        return asyncio.run(_probe(address, timeout))
+        # distributed's own connect timeout does not bound the handshake with a peer that
+        # accepts but never answers: bound the whole probe.
+        result.append(asyncio.run(asyncio.wait_for(_probe(address, timeout), timeout)))
     except Exception as exc:  # unreachable, refused, timed out, malformed address, not Dask
         logger.debug("Dask scheduler at %s not reachable: %r", address, exc)
-        return False
 
 
 def cluster_address_reachable(address: str, timeout: float = 3.0) -> bool:
@@ -66,5 +67,12 @@ def cluster_address_reachable(address: str, timeout: float = 3.0) -> bool:
     >>> cluster_address_reachable("tcp://127.0.0.1:1", timeout=0.5)  # doctest: +SKIP
     False
     """
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sage-dask-probe") as pool:
-        return pool.submit(_probe_sync, address, timeout).result()
+    result: list[bool] = []
+    # A daemon thread with its own event loop: works inside a running loop, and a probe
+    # that hangs regardless can neither block this call past the deadline nor the exit.
+    probe = threading.Thread(
+        target=_probe_sync, args=(address, timeout, result), daemon=True, name="sage-dask-probe"
+    )
+    probe.start()
+    probe.join(timeout + 2.0)
+    return bool(result and result[0])

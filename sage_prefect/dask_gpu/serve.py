@@ -56,7 +56,7 @@ def serve_cluster(
     Calls ``on_ready(scheduler_address)`` once every worker has joined, then waits until
     ``stop_event`` is set, KeyboardInterrupt (Ctrl-C) or -- when run in the main thread --
     SIGTERM, and closes the cluster with all its worker processes. A port already in use
-    raises ``OSError`` before anything is left running.
+    raises ``RuntimeError`` (naming host and port) and leaves nothing running.
 
     >>> import threading
     >>> stop = threading.Event()

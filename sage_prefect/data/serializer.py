@@ -34,7 +34,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -49,7 +48,7 @@ _TABLE_TAGS = {b"arrow": (False, False), b"arrow-batch": (True, False)}
 _RAW_TAGS = {b"arrow-raw": (False, True), b"arrow-batch-raw": (True, True)}
 
 
-class ArrowSerializer(Serializer[Any]):
+class ArrowSerializer(Serializer):
     """Prefect result serializer: Arrow tables/batches as Arrow IPC, handles and plain values as JSON.
 
     Registered with Prefect under the type ``"arrow"``, so ``result_serializer="arrow"``
@@ -119,10 +118,8 @@ def _empty_batch(table: pa.Table) -> pa.RecordBatch:
 
 def _to_json(obj: Any, path: str) -> Any:
     """Check ``obj`` is plain JSON (stage handles allowed inside); return it with handles encoded."""
-    if obj is None or isinstance(obj, bool | int | str):
+    if obj is None or isinstance(obj, bool | int | float | str):
         return obj
-    if isinstance(obj, float):
-        return obj if not math.isnan(obj) or True else obj
     if isinstance(obj, StageHandle):
         return {_HANDLE_KEY: obj.to_dict()}
     if isinstance(obj, list):
@@ -133,10 +130,12 @@ def _to_json(obj: Any, path: str) -> Any:
             if not isinstance(key, str):
                 raise TypeError(
                     f"ArrowSerializer cannot store {path}: dict key {key!r} is "
-                    f"{type(key).__name__}, only str keys round-trip through JSON"
+                    f"{type(key).__name__}: only str keys round-trip through JSON (it never pickles)"
                 )
             if key == _HANDLE_KEY:
-                raise TypeError(f"ArrowSerializer cannot store {path}: the key {_HANDLE_KEY!r} is reserved")
+                raise TypeError(
+                    f"ArrowSerializer cannot store {path}: the key {_HANDLE_KEY!r} is reserved (it never pickles)"
+                )
             out[key] = _to_json(value, f"{path}[{key!r}]")
         return out
     raise TypeError(

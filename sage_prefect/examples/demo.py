@@ -15,10 +15,32 @@ from typing import Any
 
 from sage_prefect.common.functions import BatchFunction, MapFunction
 
-WORDS = (
-    "pipeline dataflow prefect dask arrow lance vector embedding retrieval agent tool planner "
-    "gateway scheduler batch latency token model worker cluster partition stream sink source"
-).split()
+WORDS = [
+    "pipeline",
+    "dataflow",
+    "prefect",
+    "dask",
+    "arrow",
+    "lance",
+    "vector",
+    "embedding",
+    "retrieval",
+    "agent",
+    "tool",
+    "planner",
+    "gateway",
+    "scheduler",
+    "batch",
+    "latency",
+    "token",
+    "model",
+    "worker",
+    "cluster",
+    "partition",
+    "stream",
+    "sink",
+    "source",
+]
 TOKEN = re.compile(r"\w+")
 
 

@@ -323,7 +323,8 @@ def _summarise(state: _RunState, elapsed: float) -> dict[str, Any]:
         else:
             leaf_rows += value.num_rows if isinstance(value, pa.Table) else int(getattr(value, "num_rows", 0))
     tables = {
-        node_id: concat([t for _, t in sorted(parts, key=lambda p: p[0])]) for node_id, parts in collected.items()
+        node_id: concat([t for _, t in sorted(parts, key=lambda p: p[0])])
+        for node_id, parts in collected.items()
     }
     return {
         "flow_run_id": state.run_id,

@@ -55,7 +55,9 @@ class PipelineResult:
             return self.collected.to_pylist()
         if self.collected is None:
             raise PipelineDefinitionError("this pipeline has no CollectSink; nothing was collected")
-        raise PipelineDefinitionError("this pipeline has several CollectSinks; read result.collected[node_id]")
+        raise PipelineDefinitionError(
+            "this pipeline has several CollectSinks; read result.collected[node_id]"
+        )
 
 
 class BaseEnvironment:
@@ -83,7 +85,9 @@ class BaseEnvironment:
         self.config = dict(config or {})
         self.settings = settings or load_settings()
         if batch_size is not None:
-            self.settings = self.settings.model_copy(update={"batch_size": _positive(batch_size, "batch_size")})
+            self.settings = self.settings.model_copy(
+                update={"batch_size": _positive(batch_size, "batch_size")}
+            )
         self._allow_cpu_fallback = allow_cpu_fallback
         self.progress = stderr_is_tty() if progress is None else progress
         self.plan = Plan(name)
@@ -108,7 +112,11 @@ class BaseEnvironment:
         )
 
     def from_source(
-        self, function: type[SourceFunction], config: dict[str, Any] | None = None, *, allow_empty: bool = False
+        self,
+        function: type[SourceFunction],
+        config: dict[str, Any] | None = None,
+        *,
+        allow_empty: bool = False,
     ) -> DataStream:
         """Records from a ``SourceFunction``/``BatchFunction`` class: ``execute()`` until it returns None."""
         if not (isinstance(function, type) and issubclass(function, SourceFunction)):
@@ -135,7 +143,9 @@ class BaseEnvironment:
     _default_cpu_fallback = False
 
     def _options(self) -> RunOptions:
-        return RunOptions(settings=self.settings, allow_cpu_fallback=self.allow_cpu_fallback, progress=self.progress)
+        return RunOptions(
+            settings=self.settings, allow_cpu_fallback=self.allow_cpu_fallback, progress=self.progress
+        )
 
     def _task_runner(self, *, for_submit: bool) -> Any:
         raise NotImplementedError
@@ -260,7 +270,9 @@ class LocalEnvironment(BaseEnvironment):
         if for_submit or self._cluster is not None:
             return DaskTaskRunner(address=self.cluster.scheduler_address)
         # A flow handed out for deployment starts (and stops) its own cluster per run.
-        return DaskTaskRunner(cluster_class="sage_prefect.dask_gpu.local_cluster", cluster_kwargs=self._cluster_kwargs())
+        return DaskTaskRunner(
+            cluster_class="sage_prefect.dask_gpu.local_cluster", cluster_kwargs=self._cluster_kwargs()
+        )
 
     def close(self) -> None:
         if self._cluster is not None:
@@ -281,7 +293,11 @@ class DaskEnvironment(BaseEnvironment):
     """
 
     def __init__(
-        self, name: str = "sage-pipeline", config: dict[str, Any] | None = None, *, address: str | None = None,
+        self,
+        name: str = "sage-pipeline",
+        config: dict[str, Any] | None = None,
+        *,
+        address: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(name, config, **kwargs)
@@ -302,4 +318,3 @@ def _positive(value: Any, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise PipelineDefinitionError(f"{name} must be a positive integer, got {value!r}", field=name)
     return value
-

@@ -55,7 +55,9 @@ class OperatorSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in OPERATOR_KINDS:
-            raise PipelineDefinitionError(f"unknown operator kind {self.kind!r}; expected one of {OPERATOR_KINDS}")
+            raise PipelineDefinitionError(
+                f"unknown operator kind {self.kind!r}; expected one of {OPERATOR_KINDS}"
+            )
         self.name = self.name or operator_name(self.function)
         where = f"operator {self.name!r} ({self.kind})"
         _check_function(self.kind, self.function, where)
@@ -63,14 +65,16 @@ class OperatorSpec:
             raise PipelineDefinitionError(
                 f"{where}: config must be a dict, got {type(self.config).__name__}", operator=self.name
             )
-        if self.resources is not None:
-            if not isinstance(self.resources, dict) or not all(
+        if self.resources is not None and (
+            not isinstance(self.resources, dict)
+            or not all(
                 isinstance(k, str) and isinstance(v, int | float) and v > 0 for k, v in self.resources.items()
-            ):
-                raise PipelineDefinitionError(
-                    f"{where}: resources must map label names to positive numbers, got {self.resources!r}",
-                    operator=self.name,
-                )
+            )
+        ):
+            raise PipelineDefinitionError(
+                f"{where}: resources must map label names to positive numbers, got {self.resources!r}",
+                operator=self.name,
+            )
         _check_positive_int(self.parallelism, "parallelism", where, allow_none=True)
         _check_positive_int(self.retries, "retries", where, allow_zero=True)
         if self.timeout_seconds is not None and not (

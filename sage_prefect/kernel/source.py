@@ -58,7 +58,9 @@ def _tables(source: SourceSpec, batch_size: int) -> Iterator[pa.Table]:
         try:
             table = pa.Table.from_pandas(data, preserve_index=False)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            raise PipelineDefinitionError(f"{where}: the DataFrame cannot be carried as Arrow: {exc}") from None
+            raise PipelineDefinitionError(
+                f"{where}: the DataFrame cannot be carried as Arrow: {exc}"
+            ) from None
         yield from _tables(SourceSpec(kind=source.kind, data=table, name=source.name), batch_size)
         return
     if isinstance(data, dict | str | bytes) or not isinstance(data, Iterable):
@@ -87,7 +89,9 @@ def _from_function(source: SourceSpec, batch_size: int) -> Iterator[pa.Table]:
     except SageError:
         raise
     except Exception as exc:
-        raise OperatorError(f"{where}: setup failed: {type(exc).__name__}: {exc}", operator=source.name) from exc
+        raise OperatorError(
+            f"{where}: setup failed: {type(exc).__name__}: {exc}", operator=source.name
+        ) from exc
     buffer: list[dict[str, Any]] = []
     calls = 0
     while True:

@@ -28,9 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
-from sage_prefect.common.errors import ConfigError, UnknownOperatorError
+from sage_prefect.common.errors import ConfigError, SageError, UnknownOperatorError
 from sage_prefect.kernel.environment import BaseEnvironment, LocalEnvironment
 from sage_prefect.kernel.plan import OPERATOR_KINDS
 
@@ -40,7 +48,9 @@ BUILTIN_MODULES = ("sage_prefect.data", "sage_prefect.common.functions")
 class SourceModel(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    class_: str | None = Field(None, alias="class", description="Import path of a SourceFunction/BatchFunction")
+    class_: str | None = Field(
+        None, alias="class", description="Import path of a SourceFunction/BatchFunction"
+    )
     config: dict[str, Any] | None = None
     data: list[dict[str, Any]] | None = None
     path: str | None = Field(None, description="A JSON-lines file, relative to the pipeline file")
@@ -108,7 +118,8 @@ def import_object(path: str, *, where: str = "") -> Any:
             if obj is not None:
                 return obj
         raise UnknownOperatorError(
-            f"{prefix}{path!r} is not a built-in name; give an import path like 'package.module.{path}'", path=path
+            f"{prefix}{path!r} is not a built-in name; give an import path like 'package.module.{path}'",
+            path=path,
         )
     try:
         module = importlib.import_module(module_name)
@@ -119,7 +130,9 @@ def import_object(path: str, *, where: str = "") -> Any:
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise UnknownOperatorError(f"{prefix}module {module_name!r} has no attribute {attr!r}", path=path) from None
+        raise UnknownOperatorError(
+            f"{prefix}module {module_name!r} has no attribute {attr!r}", path=path
+        ) from None
 
 
 class _Located:
@@ -158,10 +171,12 @@ class _Located:
             path = path[:-1]
         return self.lines.get(path, 1)
 
-    def error(self, path: tuple[Any, ...], message: str, cls: type[Exception] = ConfigError) -> Exception:
+    def error(self, path: tuple[Any, ...], message: str, cls: type[SageError] = ConfigError) -> SageError:
         field = ".".join(str(p) for p in path) or "<root>"
         line = self.line(path)
-        return cls(f"{self.file}:{line}: field {field!r}: {message}", file=str(self.file), line=line, field=field)
+        return cls(
+            f"{self.file}:{line}: field {field!r}: {message}", file=str(self.file), line=line, field=field
+        )
 
 
 def load_pipeline(path: str | Path, env: BaseEnvironment | None = None, **env_kwargs: Any) -> BaseEnvironment:
@@ -234,7 +249,9 @@ def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{number}: invalid JSON: {exc.msg}", file=str(path), line=number) from None
+                raise ConfigError(
+                    f"{path}:{number}: invalid JSON: {exc.msg}", file=str(path), line=number
+                ) from None
             if not isinstance(record, dict):
                 raise ConfigError(
                     f"{path}:{number}: expected a JSON object, got {type(record).__name__}",
