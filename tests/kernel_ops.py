@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
 from sage_prefect import FlatMapFunction, KeyByFunction, LanceSink, MapFunction, SourceFunction
+from sage_prefect.data import SinkOption
 
 
 class Upper(MapFunction):
@@ -26,16 +27,29 @@ class WhereAmI(MapFunction):
         return {**data, f"worker_{self.config.get('tag', 'x')}": get_worker().name}
 
 
-class Stamp(MapFunction):
-    """Sleeps, then stamps start/end times of its partition on every record (pipelining test)."""
+class Mark(MapFunction):
+    """Leaves a marker file per partition it has processed (pipelining test)."""
 
     def execute_batch(self, table: pa.Table) -> pa.Table:
-        start = time.time()
-        time.sleep(float(self.config.get("sleep", 0.3)))
-        end = time.time()
-        tag = self.config["tag"]
-        table = table.append_column(f"{tag}_start", pa.array([start] * table.num_rows, pa.float64()))
-        return table.append_column(f"{tag}_end", pa.array([end] * table.num_rows, pa.float64()))
+        Path(self.config["dir"], f"{self.config['tag']}-{table['id'][0].as_py()}").write_text("done")
+        return table
+
+
+class WaitForMark(MapFunction):
+    """On the partition starting at ``hold_id``, waits until another stage has marked partition 0.
+
+    With a barrier between stages this can never happen: the run would fail after ``timeout``.
+    """
+
+    def execute_batch(self, table: pa.Table) -> pa.Table:
+        if table["id"][0].as_py() == int(self.config["hold_id"]):
+            marker = Path(self.config["dir"], f"{self.config['tag']}-0")
+            deadline = time.monotonic() + float(self.config.get("timeout", 60))
+            while not marker.exists():
+                if time.monotonic() > deadline:
+                    raise TimeoutError("downstream stage never ran partition 0: stages are not pipelined")
+                time.sleep(0.05)
+        return table
 
 
 class FlakyUntil(MapFunction):
@@ -121,6 +135,11 @@ class Counter(SourceFunction):
 
 class FailAfterWrite(LanceSink):
     """Writes the partition, then fails once per partition: the retry must not duplicate rows."""
+
+    options: ClassVar[dict[str, SinkOption]] = {
+        **LanceSink.options,
+        "marker_dir": SinkOption((str,), required=True),
+    }
 
     def write_partition(self, table: pa.Table, partition_key: str) -> int:
         rows = super().write_partition(table, partition_key)

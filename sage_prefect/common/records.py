@@ -69,3 +69,23 @@ def _bad_field(records: Sequence[dict[str, Any]]) -> str | None:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def aligned(table: pa.Table, alignment: int = 8) -> pa.Table:
+    """``table`` with every buffer aligned, copying only when some buffer is not.
+
+    Tables unpickled from Dask's out-of-band frames may sit at any address; Arrow's Rust
+    readers (LanceDB) abort on unaligned buffers instead of copying them.
+    """
+    for column in table.columns:
+        for chunk in column.chunks:
+            if any(buf is not None and buf.address % alignment for buf in chunk.buffers()):
+                return _copy(table)
+    return table
+
+
+def _copy(table: pa.Table) -> pa.Table:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return pa.ipc.open_stream(sink.getvalue()).read_all()

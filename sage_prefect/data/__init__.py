@@ -29,6 +29,7 @@ from sage_prefect.data.sinks import (
     PartitionSink,
     PrintSink,
     SinkError,
+    SinkOption,
     partition_file_name,
 )
 
@@ -46,6 +47,7 @@ __all__ = [
     "PartitionSink",
     "PrintSink",
     "SinkError",
+    "SinkOption",
     "StageDataMissingError",
     "StageHandle",
     "drop_stage_data",

@@ -7,7 +7,7 @@ appended, so two different originals never map to the same safe name.
 >>> safe_name("stage-1")
 'stage-1'
 >>> safe_name("a/b")
-'a_b-0ad1a1b6e0'
+'a_b-3ec69c85a4'
 """
 
 from __future__ import annotations

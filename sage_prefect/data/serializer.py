@@ -134,7 +134,8 @@ def _to_json(obj: Any, path: str) -> Any:
                 )
             if key == _HANDLE_KEY:
                 raise TypeError(
-                    f"ArrowSerializer cannot store {path}: the key {_HANDLE_KEY!r} is reserved (it never pickles)"
+                    f"ArrowSerializer cannot store {path}: the key {_HANDLE_KEY!r} is reserved "
+                    "(it never pickles)"
                 )
             out[key] = _to_json(value, f"{path}[{key!r}]")
         return out

@@ -28,6 +28,7 @@ import re
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,7 @@ class SinkError(SageError, RuntimeError):
 
 
 @dataclass(frozen=True)
-class _Option:
+class SinkOption:
     types: tuple[type, ...]
     required: bool = False
     default: Any = None
@@ -96,7 +97,7 @@ class PartitionSink(SinkFunction):
     3
     """
 
-    options: ClassVar[dict[str, _Option]] = {}
+    options: ClassVar[dict[str, SinkOption]] = {}
     collects: ClassVar[bool] = False
     """True when the kernel must return each partition's table to the caller (see `CollectSink`)."""
 
@@ -139,8 +140,9 @@ class LanceSink(PartitionSink):
     matched rows, inserts new ones and deletes the partition's rows that are no longer
     there, so a re-written partition is replaced in a single commit. Later partitions
     are cast to the table's schema; an incompatible one raises `ConfigError` naming the
-    field and leaves the table as it was. The first write creates the table under a
-    file lock (local directories), so concurrent first writes never clobber each other.
+    field and leaves the table as it was. On local directories the table is created, and
+    each partition key written, under ``flock`` locks in ``<uri>/.sage-locks/``: Lance alone
+    would let a racing create replace the table and racing writes of one key duplicate rows.
 
     >>> import tempfile
     >>> sink = LanceSink({"uri": tempfile.mkdtemp(), "table": "answers"})
@@ -148,11 +150,11 @@ class LanceSink(PartitionSink):
     2
     """
 
-    options: ClassVar[dict[str, _Option]] = {
-        "uri": _Option((str, os.PathLike), required=True, path=True),
-        "table": _Option((str,), required=True),
-        "mode": _Option((str,), default="append", choices=("append", "overwrite")),
-        "optimize": _Option((bool,), default=False),
+    options: ClassVar[dict[str, SinkOption]] = {
+        "uri": SinkOption((str, os.PathLike), required=True, path=True),
+        "table": SinkOption((str,), required=True),
+        "mode": SinkOption((str,), default="append", choices=("append", "overwrite")),
+        "optimize": SinkOption((bool,), default=False),
     }
 
     def __init__(self, config: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -188,11 +190,17 @@ class LanceSink(PartitionSink):
             db.drop_table(self.table_name)
 
     def write_partition(self, table: pa.Table, partition_key: str) -> int:
-        from lancedb.expr import col, lit
-
         table = _as_table(table, self._describe())
         key = _check_key(partition_key, self._describe())
         db = self._connect()
+        # Two attempts at the same partition at once (a duplicated task) would both insert:
+        # Lance has no unique keys. Serialise them; different partitions still write in parallel.
+        with _partition_lock(self.uri, self.table_name, key):
+            return self._write_locked(db, table, key)
+
+    def _write_locked(self, db: DBConnection, table: pa.Table, key: str) -> int:
+        from lancedb.expr import col, lit
+
         lance_table = self._open(db)
         if lance_table is None:
             if table.num_rows == 0:
@@ -211,7 +219,7 @@ class LanceSink(PartitionSink):
                     partition=key,
                 ) from exc
             if created:
-                return table.num_rows
+                return int(table.num_rows)
         data = self._conform(_with_partition_columns(table, key), lance_table.schema)
         in_partition = col(PARTITION_COLUMN) == lit(key)
         try:
@@ -232,7 +240,7 @@ class LanceSink(PartitionSink):
                 table=self.table_name,
                 partition=key,
             ) from exc
-        return table.num_rows
+        return int(table.num_rows)
 
     def finish(self) -> None:
         """With ``optimize: true``, compact the table's fragments once all partitions are in."""
@@ -339,15 +347,32 @@ def _with_partition_columns(table: pa.Table, key: str) -> pa.Table:
     )
 
 
+_LOCK_BUCKETS = 64
+
+
+def _lock_path(uri: str, table: str, what: str) -> Path:
+    return Path(uri) / ".sage-locks" / f"{table}.{what}.lock"
+
+
+def _partition_lock(uri: str, table: str, key: str) -> contextlib.AbstractContextManager[None]:
+    """Serialise writes of one partition key (hashed into a bounded set of lock files)."""
+    bucket = zlib.crc32(key.encode("utf-8", "surrogatepass")) % _LOCK_BUCKETS
+    return _file_lock(uri, _lock_path(uri, table, f"p{bucket:02d}"))
+
+
+def _creation_lock(uri: str, table: str) -> contextlib.AbstractContextManager[None]:
+    return _file_lock(uri, _lock_path(uri, table, "create"))
+
+
 @contextlib.contextmanager
-def _creation_lock(uri: str, table: str) -> Iterator[None]:
-    """An exclusive lock (``flock``) on ``<uri>/.<table>.sage-create.lock``; a no-op for object stores."""
+def _file_lock(uri: str, path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (threads and processes alike); a no-op for object stores."""
     if is_remote(uri) or sys.platform == "win32":
         yield
         return
     import fcntl
 
-    path = Path(uri) / f".{table}.sage-create.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
@@ -372,9 +397,9 @@ class _FileSink(PartitionSink):
     """A directory of one file per partition, each replaced atomically (temp file + ``os.replace``)."""
 
     suffix: ClassVar[str] = ""
-    options: ClassVar[dict[str, _Option]] = {
-        "path": _Option((str, os.PathLike), required=True, path=True),
-        "mode": _Option((str,), default="append", choices=("append", "overwrite")),
+    options: ClassVar[dict[str, SinkOption]] = {
+        "path": SinkOption((str, os.PathLike), required=True, path=True),
+        "mode": SinkOption((str,), default="append", choices=("append", "overwrite")),
     }
 
     def __init__(self, config: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -521,7 +546,7 @@ class PrintSink(PartitionSink):
     1
     """
 
-    options: ClassVar[dict[str, _Option]] = {"prefix": _Option((str,), default="")}
+    options: ClassVar[dict[str, SinkOption]] = {"prefix": SinkOption((str,), default="")}
 
     def write_partition(self, table: pa.Table, partition_key: str) -> int:
         table = _as_table(table, "PrintSink")
@@ -538,7 +563,7 @@ class PrintSink(PartitionSink):
 # --------------------------------------------------------------------------- helpers
 
 
-def _validate(sink: str, options: Mapping[str, _Option], config: dict[str, Any]) -> dict[str, Any]:
+def _validate(sink: str, options: Mapping[str, SinkOption], config: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(config) - set(options))
     if unknown:
         raise ConfigError(

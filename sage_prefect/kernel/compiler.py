@@ -27,13 +27,21 @@ from prefect.exceptions import UpstreamTaskError
 from prefect.futures import PrefectFuture
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from sage_prefect.common import errors
 from sage_prefect.common.errors import OperatorError, PipelineRunError, SageError
 from sage_prefect.common.records import concat
 from sage_prefect.common.settings import SageSettings
 from sage_prefect.dask_gpu import annotate, resolve_resources, worker_resources
 from sage_prefect.data import ArrowSerializer
 from sage_prefect.kernel.plan import Node, Plan
-from sage_prefect.kernel.runtime import PartitionInfo, StageRuntime, release_run, run_shuffle, run_stage
+from sage_prefect.kernel.runtime import (
+    PartitionInfo,
+    StageRuntime,
+    construct,
+    release_run,
+    run_shuffle,
+    run_stage,
+)
 from sage_prefect.kernel.source import content_key, iter_partitions
 
 logger = logging.getLogger("sage_prefect.kernel")
@@ -114,14 +122,12 @@ def _make_task(node: Node, settings: SageSettings) -> Task[..., Any]:
         "timeout_seconds": op.timeout_seconds,
     }
     if op.cache:
-        from prefect.filesystems import LocalFileSystem
-
         digest = op.digest()
         options.update(
             cache_key_fn=lambda _ctx, params: f"sage-{digest}-{params['partition'].key}",
             persist_result=True,
             result_serializer=ArrowSerializer(),
-            result_storage=LocalFileSystem(basepath=str(settings.results_dir)),
+            result_storage=settings.results_dir,
         )
     else:
         options.update(cache_policy=NO_CACHE, persist_result=False)
@@ -182,10 +188,15 @@ def _execute(
         if n.op is not None
     }
     state = _RunState(plan, options, run_id, spill_dir, tasks, stages, resources)
+    drivers = _driver_instances(plan)
     try:
+        for sink in drivers["sink"]:
+            sink.prepare()
         with pinned_api_url():
             _submit_all(state, shuffles)
             _wait(state)
+        for sink in drivers["sink"]:
+            sink.finish()
         return _summarise(state, time.perf_counter() - started)
     finally:
         try:
@@ -193,6 +204,29 @@ def _execute(
         except Exception:  # pragma: no cover - a worker that died already released its pool
             logger.debug("could not release operator pools on every worker", exc_info=True)
         shutil.rmtree(spill_dir, ignore_errors=True)
+
+
+def _driver_instances(plan: Plan) -> dict[str, list[Any]]:
+    """Construct every operator once on the driver: bad configs fail before any task runs,
+    and sinks get their driver-side ``prepare()``/``finish()`` hooks."""
+    out: dict[str, list[Any]] = {"sink": []}
+    for node in plan.nodes:
+        if node.op is None:
+            continue
+        try:
+            instance = construct(node.op)
+        except SageError:
+            raise
+        except Exception as exc:
+            raise OperatorError(
+                f"operator {node.name!r} ({node.op.kind}, stage {node.id}): construction failed: "
+                f"{type(exc).__name__}: {exc}",
+                operator=node.name,
+                stage=node.id,
+            ) from exc
+        if node.op.kind == "sink" and callable(getattr(instance, "prepare", None)):
+            out["sink"].append(instance)
+    return out
 
 
 def _semaphore(run_id: str, node: Node) -> Any:
@@ -285,39 +319,61 @@ def _first_failure(state: _RunState) -> BaseException | None:
             task_state = item.future.state
             if task_state.is_completed():
                 continue
-        exc = task_state.result(raise_on_failure=False)
-        if not isinstance(exc, BaseException):
-            exc = PipelineRunError(
-                f"operator {item.node.name!r}, {item.partition}: task ended {task_state.type.value}: "
-                f"{task_state.message}",
-                operator=item.node.name,
-                partition=item.partition.index,
-            )
+        exc = _exception_of(task_state)
         if isinstance(exc, UpstreamTaskError):
             inherited = inherited or exc
             continue
+        where = {"operator": item.node.name, "partition": item.partition.index}
         if not isinstance(exc, SageError):
-            exc = OperatorError(
-                f"operator {item.node.name!r}, {item.partition}: {type(exc).__name__}: {exc}",
-                operator=item.node.name,
-                partition=item.partition.index,
+            detail = f"{type(exc).__name__}: {exc}"
+            return OperatorError(f"operator {item.node.name!r}, {item.partition}: {detail}", **where)
+        if not exc.message.startswith("operator "):
+            kind = OperatorError if type(exc) is PipelineRunError else type(exc)
+            return kind(
+                f"operator {item.node.name!r}, {item.partition}: {exc.message}", **{**exc.where, **where}
             )
-        return exc
+        return type(exc)(exc.message, **{**where, **exc.where})
     return inherited
 
 
+_PREFIX = "Task run encountered an exception "
+
+
+def _exception_of(task_state: Any) -> BaseException:
+    """The exception a failed task raised.
+
+    A state that crossed the Dask boundary keeps only its message
+    ("Task run encountered an exception RecordError: ..."), so our own error types are
+    rebuilt from it by name; anything else becomes a `PipelineRunError` with the message.
+    """
+    exc = task_state.result(raise_on_failure=False)
+    if isinstance(exc, SageError | UpstreamTaskError):
+        return exc
+    message = task_state.message or str(exc)
+    if message.startswith(_PREFIX):
+        type_name, _, detail = message[len(_PREFIX) :].partition(": ")
+        cls = getattr(errors, type_name, None)
+        if isinstance(cls, type) and issubclass(cls, SageError):
+            return cls(detail)
+        if type_name == "UpstreamTaskError":
+            return UpstreamTaskError(detail)
+        return PipelineRunError(f"{type_name}: {detail}")
+    if "UpstreamTaskError" in message or task_state.name == "NotReady":
+        return UpstreamTaskError(message)
+    return exc if isinstance(exc, BaseException) else PipelineRunError(message)
+
+
 def _summarise(state: _RunState, elapsed: float) -> dict[str, Any]:
-    sinks: dict[str, int] = {}
+    sink_nodes = [n for n in state.plan.nodes if n.op is not None and n.op.kind == "sink"]
+    names = [n.name for n in sink_nodes]
+    labels = {n.id: n.name if names.count(n.name) == 1 else f"{n.name}#{n.id}" for n in sink_nodes}
+    sinks = dict.fromkeys(labels.values(), 0)
     collected: dict[int, list[tuple[int, pa.Table]]] = {}
     leaf_rows = 0
     for item in _terminal(state):
         value = item.future.result()
-        op = item.node.op
-        assert op is not None
-        if op.kind == "sink":
-            rows = int(value["rows"])
-            label = f"{op.name}#{item.node.id}" if op.name in sinks else op.name
-            sinks[label] = sinks.get(label, 0) + rows
+        if item.node.id in labels:
+            sinks[labels[item.node.id]] += int(value["rows"])
             if "table" in value:
                 collected.setdefault(item.node.id, []).append((item.partition.index, value["table"]))
         else:

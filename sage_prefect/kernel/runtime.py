@@ -7,6 +7,7 @@ instance to one thread at a time.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import threading
 from collections import defaultdict
@@ -19,7 +20,7 @@ import pyarrow as pa
 
 from sage_prefect.common.errors import OperatorError, RecordError, SageError
 from sage_prefect.common.functions import BaseFunction
-from sage_prefect.common.records import check_record, concat, records_to_table
+from sage_prefect.common.records import aligned, check_record, concat, records_to_table
 from sage_prefect.data import StageHandle, maybe_spill, resolve
 from sage_prefect.kernel.plan import OperatorSpec
 
@@ -68,16 +69,18 @@ _pools: dict[tuple[str, int], list[BaseFunction]] = defaultdict(list)
 _pools_lock = threading.Lock()
 
 
-def instantiate(op: OperatorSpec) -> BaseFunction:
+def construct(op: OperatorSpec) -> BaseFunction:
+    """Build the operator instance without ``setup()``: validates its config, loads nothing heavy."""
     fn = op.function
     if isinstance(fn, type):
-        instance: BaseFunction = fn(op.config) if op.config is not None else fn()
-    elif isinstance(fn, BaseFunction):
-        import copy
+        return fn(op.config) if op.config is not None else fn()
+    if isinstance(fn, BaseFunction):
+        return copy.deepcopy(fn)
+    return _CallableFunction(fn)
 
-        instance = copy.deepcopy(fn)
-    else:
-        instance = _CallableFunction(fn)
+
+def instantiate(op: OperatorSpec) -> BaseFunction:
+    instance = construct(op)
     instance.setup()
     return instance
 
@@ -160,7 +163,7 @@ def write_sink(fn: Any, table: pa.Table, partition: PartitionInfo, where: str) -
 def run_stage(data: pa.Table | StageHandle, stage: StageRuntime, partition: PartitionInfo) -> Any:
     """The body of every operator task: resolve input, apply the operator, spill large output."""
     where = f"{stage.where}, {partition}"
-    table = resolve(data)
+    table = aligned(resolve(data))
     sem = stage.semaphore
     if sem is not None:
         sem.acquire()
@@ -197,7 +200,7 @@ def run_shuffle(inputs: list[pa.Table | StageHandle], bucket: int, buckets: int)
     """Gather the rows of one key bucket from every upstream partition (the keyby barrier)."""
     parts = []
     for item in inputs:
-        table = resolve(item)
+        table = aligned(resolve(item))
         if table.num_rows == 0 or KEY_COLUMN not in table.column_names:
             continue
         keys = table[KEY_COLUMN].to_numpy()
