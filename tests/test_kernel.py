@@ -282,3 +282,13 @@ def test_definition_errors_are_immediate(env: DaskEnvironment) -> None:
         sink.map(Upper)
     with pytest.raises(PipelineDefinitionError, match="already has a source"):
         env.from_batch(DOCS)
+
+
+def test_source_records_are_not_shipped_with_every_task() -> None:
+    import pickle
+
+    from sage_prefect.kernel.plan import SourceSpec
+
+    spec = SourceSpec(kind="batch", data=[{"x": "y" * 1000}] * 1000, name="big")
+    assert len(pickle.dumps(spec)) < 1000
+    assert spec.data is not None  # the driver keeps them

@@ -65,7 +65,7 @@ def test_yaml_builds_a_local_environment_with_its_options(tmp_path: Path) -> Non
         (
             GOOD.replace("parallelism: 1", "parallelism: two"),
             ConfigError,
-            r"pipeline.yaml:11: field 'operators.1.parallelism'",
+            r"pipeline.yaml:12: field 'operators.1.parallelism'",
         ),
         (
             GOOD.replace("    retries: 1", "    retrys: 1"),

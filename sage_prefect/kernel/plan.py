@@ -37,6 +37,11 @@ class SourceSpec:
     name: str = "source"
     allow_empty: bool = False
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The source is read on the driver only. Prefect ships the flow (and with it the plan)
+        # in the context of every task; leaving the records out keeps each task small.
+        return {**self.__dict__, "data": None}
+
 
 @dataclass
 class OperatorSpec:
