@@ -142,9 +142,8 @@ def run_per_task(records: list[dict[str, Any]], rounds: int) -> float:
 
 def git_commit() -> str:
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
+        cmd = ["git", "rev-parse", "--short", "HEAD"]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         return "unknown"
 

@@ -27,10 +27,16 @@ def _env(prefect_api: str, home: Path) -> dict[str, str]:
 def test_run_demo_pipeline_writes_lance_table(prefect_api: str, tmp_path: Path) -> None:
     text = (ROOT / "examples" / "demo.yaml").read_text()
     pipeline = tmp_path / "demo.yaml"
-    pipeline.write_text(text.replace("count: 10000", "count: 600").replace("batch_size: 2000", "batch_size: 200"))
+    pipeline.write_text(
+        text.replace("count: 10000", "count: 600").replace("batch_size: 2000", "batch_size: 200")
+    )
     result = subprocess.run(
-        [*CLI, "run", str(pipeline)], cwd=tmp_path, env=_env(prefect_api, tmp_path / "home"),
-        capture_output=True, text=True, timeout=200,
+        [*CLI, "run", str(pipeline)],
+        cwd=tmp_path,
+        env=_env(prefect_api, tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=200,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "600 in 3 partitions" in result.stdout and "300 rows" in result.stdout
@@ -43,7 +49,9 @@ def test_run_demo_pipeline_writes_lance_table(prefect_api: str, tmp_path: Path) 
 
 def test_run_reports_a_malformed_file_with_its_line(prefect_api: str, tmp_path: Path) -> None:
     pipeline = tmp_path / "bad.yaml"
-    pipeline.write_text("name: bad\nsource:\n  class: sage_prefect.examples.demo.SyntheticDocs\noperators:\n  - mapp: x\n")
+    pipeline.write_text(
+        "name: bad\nsource:\n  class: sage_prefect.examples.demo.SyntheticDocs\noperators:\n  - mapp: x\n"
+    )
     result = subprocess.run(
         [*CLI, "run", str(pipeline)], env=_env(prefect_api, tmp_path / "home"), capture_output=True, text=True
     )
@@ -53,7 +61,11 @@ def test_run_reports_a_malformed_file_with_its_line(prefect_api: str, tmp_path: 
 
 def test_doctor_reports_prefect_and_gpus(prefect_api: str, tmp_path: Path) -> None:
     result = subprocess.run(
-        [*CLI, "doctor"], env=_env(prefect_api, tmp_path / "home"), capture_output=True, text=True, timeout=120
+        [*CLI, "doctor"],
+        env=_env(prefect_api, tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Prefect API" in result.stdout and "GPUs" in result.stdout and prefect_api in result.stdout
@@ -65,7 +77,10 @@ def test_cluster_up_serves_labelled_workers_until_interrupted(tmp_path: Path) ->
         port = s.getsockname()[1]
     proc = subprocess.Popen(
         [*CLI, "cluster", "up", "--port", str(port), "--cpu-workers", "1", "--gpu-workers", "1"],
-        env={**os.environ, "SAGE_HOME": str(tmp_path)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "SAGE_HOME": str(tmp_path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 90

@@ -77,6 +77,7 @@ class _RunState:
     barrier_inputs: dict[int, list[_Submitted]] = field(default_factory=dict)
     rows_in: int = 0
     partitions: int = 0
+    submitted_after: float = 0.0
 
 
 def build_flow(plan: Plan, options: RunOptions, task_runner: Any) -> Flow[[], dict[str, Any]]:
@@ -194,6 +195,7 @@ def _execute(
             sink.prepare()
         with pinned_api_url():
             _submit_all(state, shuffles)
+            state.submitted_after = time.perf_counter() - started
             _wait(state)
         for sink in drivers["sink"]:
             sink.finish()
@@ -391,6 +393,7 @@ def _summarise(state: _RunState, elapsed: float) -> dict[str, Any]:
         "leaf_rows": leaf_rows,
         "collected": next(iter(tables.values())) if len(tables) == 1 else tables or None,
         "elapsed_seconds": elapsed,
+        "submit_seconds": state.submitted_after,
     }
 
 
