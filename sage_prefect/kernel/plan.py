@@ -16,11 +16,6 @@ from sage_prefect.common.errors import PipelineDefinitionError
 from sage_prefect.common.functions import (
     FUNCTION_KINDS,
     BaseFunction,
-    FilterFunction,
-    FlatMapFunction,
-    KeyByFunction,
-    MapFunction,
-    SinkFunction,
 )
 
 OPERATOR_KINDS = tuple(FUNCTION_KINDS)
@@ -155,15 +150,6 @@ class Plan:
             raise PipelineDefinitionError(f"pipeline {self.name!r} has a source but no operators")
 
 
-_CALLABLE_KINDS: dict[str, type[BaseFunction]] = {
-    "map": MapFunction,
-    "filter": FilterFunction,
-    "flatmap": FlatMapFunction,
-    "keyby": KeyByFunction,
-    "sink": SinkFunction,
-}
-
-
 def operator_name(function: Any) -> str:
     if isinstance(function, type):
         return function.__name__
@@ -174,7 +160,7 @@ def operator_name(function: Any) -> str:
 
 
 def _check_function(kind: str, function: Any, where: str) -> None:
-    expected = _CALLABLE_KINDS[kind]
+    expected = FUNCTION_KINDS[kind]
     if isinstance(function, type):
         if not issubclass(function, BaseFunction):
             raise PipelineDefinitionError(
