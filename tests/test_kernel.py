@@ -247,8 +247,9 @@ def test_cache_reuses_persisted_arrow_results(fake_gpu_cluster: Any, sage_home: 
     assert results[0] == results[1]
     assert len(counter.read_text().splitlines()) == 2  # 2 partitions computed once, then served from cache
     stored = [p for p in (sage_home / "results").iterdir() if p.is_file()]
-    assert stored and all(b"ARROW" not in p.read_bytes()[:0] for p in stored)
-    assert all(p.read_bytes()[:1] != b"\x80" for p in stored)  # not a pickle
+    # Persisted as Arrow IPC by ArrowSerializer (tag "arrow:"), never as a pickle.
+    assert stored and all(b'"arrow:' in p.read_bytes() for p in stored)
+    assert all(p.read_bytes()[:1] != b"\x80" for p in stored)
 
 
 @pytest.mark.parametrize(
