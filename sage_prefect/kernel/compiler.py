@@ -69,7 +69,6 @@ class _RunState:
     plan: Plan
     options: RunOptions
     run_id: str
-    spill_dir: str
     tasks: dict[int, Task[..., Any]]
     stages: dict[int, StageRuntime]
     resources: dict[int, dict[str, float] | None]
@@ -188,7 +187,7 @@ def _execute(
         for n in plan.nodes
         if n.op is not None
     }
-    state = _RunState(plan, options, run_id, spill_dir, tasks, stages, resources)
+    state = _RunState(plan, options, run_id, tasks, stages, resources)
     drivers = _driver_instances(plan)
     try:
         for sink in drivers["sink"]:
