@@ -33,6 +33,7 @@ from sage_prefect.common.records import concat
 from sage_prefect.common.settings import SageSettings
 from sage_prefect.dask_gpu import annotate, resolve_resources, worker_resources
 from sage_prefect.data import ArrowSerializer
+from sage_prefect.kernel import tag_limits
 from sage_prefect.kernel.plan import Node, Plan
 from sage_prefect.kernel.runtime import (
     PartitionInfo,
@@ -194,6 +195,7 @@ def _execute(
             if callable(getattr(sink, "prepare", None)):
                 sink.prepare()
         with pinned_api_url():
+            _prime_tag_limits(client, [*tasks.values(), *shuffles.values()])
             _submit_all(state, shuffles)
             state.submitted_after = time.perf_counter() - started
             _wait(state)
@@ -207,6 +209,19 @@ def _execute(
         except Exception:  # pragma: no cover - a worker that died already released its pool
             logger.debug("could not release operator pools on every worker", exc_info=True)
         shutil.rmtree(spill_dir, ignore_errors=True)
+
+
+def _prime_tag_limits(client: Any, tasks: list[Task[..., Any]]) -> None:
+    """On every worker, skip Prefect's per-task tag-limit write while no tag limit exists
+    (see `sage_prefect.kernel.tag_limits`)."""
+    from prefect.context import TagsContext
+
+    extra = TagsContext.get().current_tags
+    tag_sets = sorted({tuple(sorted(set(task.tags) | extra)) for task in tasks})
+    try:
+        client.run(tag_limits.prime, tag_sets, PREFECT_API_URL.value() or None)
+    except Exception:  # pragma: no cover - priming is an optimisation; Prefect checks anyway
+        logger.debug("could not prime the tag-limit cache on the workers", exc_info=True)
 
 
 def _driver_instances(plan: Plan) -> dict[str, list[Any]]:

@@ -22,6 +22,7 @@ from sage_prefect.common.errors import OperatorError, RecordError, SageError
 from sage_prefect.common.functions import BaseFunction
 from sage_prefect.common.records import aligned, check_record, concat, records_to_table
 from sage_prefect.data import StageHandle, maybe_spill, resolve
+from sage_prefect.kernel import tag_limits
 from sage_prefect.kernel.plan import OperatorSpec
 
 KEY_COLUMN = "_sage_key_hash"
@@ -191,9 +192,18 @@ def run_stage(data: pa.Table | StageHandle, stage: StageRuntime, partition: Part
     finally:
         if sem is not None:
             sem.release()
+    _refresh_tag_limits()
     if stage.op.cache:
         return out  # cached results are persisted as Arrow IPC; spilled data would not outlive the run
     return maybe_spill(out, stage.spill_threshold_bytes, stage.spill_dir, f"n{stage.node_id}-{partition.key}")
+
+
+def _refresh_tag_limits() -> None:
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    if ctx is not None:
+        tag_limits.refresh(ctx.task_run.tags)
 
 
 def run_shuffle(inputs: list[pa.Table | StageHandle], bucket: int, buckets: int) -> pa.Table:
