@@ -148,11 +148,3 @@ class FailAfterWrite(LanceSink):
             marker.write_text("1")
             raise OSError("connection lost after the write")
         return rows
-
-
-class Sleep(MapFunction):
-    """Holds each partition for ``seconds`` (concurrency tests)."""
-
-    def execute_batch(self, table: pa.Table) -> pa.Table:
-        time.sleep(self.config["seconds"])
-        return table

@@ -68,7 +68,8 @@ def test_a_tag_limit_created_by_the_user_is_enforced(fake_gpu_cluster: Any, sage
             batch_size=2,
             progress=False,
         )
-        env.from_batch([{"id": i} for i in range(8)]).map(Sleep, {"seconds": 0.4}).sink(CollectSink)
+        stream = env.from_batch([{"id": i} for i in range(8)])
+        stream.map(Sleep, {"seconds": 0.2}).sink(CollectSink)  # 0.4 s a partition
         result = env.submit()
         assert result.sinks == {"CollectSink": 8}
     finally:
