@@ -27,18 +27,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     PositiveFloat,
     PositiveInt,
-    ValidationError,
     model_validator,
 )
 
-from sage_prefect.common.errors import ConfigError, SageError, UnknownOperatorError
+from sage_prefect.common.errors import ConfigError, UnknownOperatorError
+from sage_prefect.common.yamlfile import LocatedYAML, read_yaml
 from sage_prefect.kernel.environment import BaseEnvironment, LocalEnvironment
 from sage_prefect.kernel.plan import OPERATOR_KINDS
 
@@ -135,66 +134,11 @@ def import_object(path: str, *, where: str = "") -> Any:
         ) from None
 
 
-class _Located:
-    """YAML data plus the line of every node, keyed by its path of keys/indices."""
-
-    def __init__(self, file: Path, text: str) -> None:
-        self.file = file
-        self.lines: dict[tuple[Any, ...], int] = {}
-        try:
-            root = yaml.compose(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = mark.line + 1 if mark is not None else 0
-            problem = getattr(exc, "problem", None) or str(exc)
-            raise ConfigError(f"{file}:{line}: invalid YAML: {problem}", file=str(file), line=line) from None
-        if root is None:
-            raise ConfigError(f"{file}:1: the pipeline file is empty", file=str(file), line=1)
-        self.data = self._build(root, ())
-
-    def _build(self, node: yaml.Node, path: tuple[Any, ...]) -> Any:
-        self.lines[path] = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            out: dict[Any, Any] = {}
-            for key_node, value_node in node.value:
-                key = yaml.safe_load(yaml.serialize(key_node))
-                self.lines[(*path, key)] = key_node.start_mark.line + 1
-                out[key] = self._build(value_node, (*path, key))
-                self.lines[(*path, key)] = key_node.start_mark.line + 1
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            return [self._build(item, (*path, i)) for i, item in enumerate(node.value)]
-        return yaml.safe_load(yaml.serialize(node))
-
-    def line(self, path: tuple[Any, ...]) -> int:
-        while path and path not in self.lines:
-            path = path[:-1]
-        return self.lines.get(path, 1)
-
-    def error(self, path: tuple[Any, ...], message: str, cls: type[SageError] = ConfigError) -> SageError:
-        field = ".".join(str(p) for p in path) or "<root>"
-        line = self.line(path)
-        return cls(
-            f"{self.file}:{line}: field {field!r}: {message}", file=str(self.file), line=line, field=field
-        )
-
-
 def load_pipeline(path: str | Path, env: BaseEnvironment | None = None, **env_kwargs: Any) -> BaseEnvironment:
     """Read a pipeline file and declare it on ``env`` (a new `LocalEnvironment` by default)."""
     file = Path(path)
-    try:
-        text = file.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{file}: cannot read the pipeline file: {exc.strerror}", file=str(file)) from None
-    doc = _Located(file, text)
-    if not isinstance(doc.data, dict):
-        raise doc.error((), f"the top level must be a mapping, got {type(doc.data).__name__}")
-    try:
-        model = PipelineModel.model_validate(doc.data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = tuple("class" if p == "class_" else p for p in first["loc"])
-        raise doc.error(loc, first["msg"]) from None
+    doc = read_yaml(file, "pipeline file")
+    model = doc.validate(PipelineModel)
     _extend_path(file.parent)
     if env is None:
         if model.batch_size is not None:
@@ -223,7 +167,7 @@ def load_pipeline(path: str | Path, env: BaseEnvironment | None = None, **env_kw
     return env
 
 
-def _declare_source(doc: _Located, source: SourceModel, env: BaseEnvironment) -> Any:
+def _declare_source(doc: LocatedYAML, source: SourceModel, env: BaseEnvironment) -> Any:
     if source.class_ is not None:
         cls = _import_at(doc, ("source", "class"), source.class_)
         try:
@@ -261,7 +205,7 @@ def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
             yield record
 
 
-def _import_at(doc: _Located, path: tuple[Any, ...], target: str) -> Any:
+def _import_at(doc: LocatedYAML, path: tuple[Any, ...], target: str) -> Any:
     try:
         return import_object(target)
     except UnknownOperatorError as exc:
