@@ -1,0 +1,155 @@
+"""The control plane's configuration (``controlplane.yaml``), with embedded defaults.
+
+```yaml
+host: 127.0.0.1
+port: 8100
+policy: hybrid                 # fifo | priority | slo | hybrid
+default_class: interactive
+classes:                       # objectives in ms; queue bounds for admission control
+  interactive: {ttft_ms: 1000, tpot_ms: 200, e2e_ms: 10000, max_queue: 256}
+  batch: {e2e_ms: 600000, max_queue: 4096}
+batching: {max_batch_size: 64, max_batch_tokens: 16384, max_wait_ms: 5}
+models:
+  - {name: all-MiniLM-L6-v2, kind: embedding, engine: sentence-transformers, replicas: 1, device: cpu}
+  - {name: sage-tiny-random-lm, kind: llm, engine: transformers, device: cpu, params: {model: tiny}}
+  - {name: llama-3-8b, kind: llm, engine: openai,
+     params: {base_url: "http://gpu-node:8000/v1", model: meta-llama/Meta-Llama-3-8B-Instruct}}
+api_keys_file: /etc/sage/keys.txt   # or SAGE_CONTROLPLANE_API_KEYS="key1,key2"
+keys:                          # per-key defaults and limits, by key name (see auth.py)
+  pipelines: {default_class: batch, rate_limit_rps: 200}
+```
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from sage_prefect.common.yamlfile import read_yaml
+from sage_prefect.controlplane.scheduler import POLICIES, BatchLimits, SLOClass
+
+ENGINES = ("sentence-transformers", "transformers", "openai")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    name: str = Field(min_length=1)
+    kind: Literal["llm", "embedding"]
+    engine: Literal["sentence-transformers", "transformers", "openai"]
+    replicas: int = Field(1, ge=1, le=64)
+    device: str | None = "cpu"  # replicas of different models on one device share it (hybrid policy)
+    slots: int | None = Field(None, ge=1)  # LLM: sequences in flight per replica (default: the engine's)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _engine_fits_kind(self) -> ModelConfig:
+        if self.kind == "embedding" and self.engine == "transformers":
+            raise ValueError(
+                "engine 'transformers' serves kind 'llm'; use 'sentence-transformers' for embeddings"
+            )
+        if self.kind == "llm" and self.engine == "sentence-transformers":
+            raise ValueError("engine 'sentence-transformers' serves kind 'embedding'")
+        return self
+
+
+class ClassConfig(_Strict):
+    ttft_ms: float | None = Field(None, gt=0)
+    tpot_ms: float | None = Field(None, gt=0)
+    e2e_ms: float | None = Field(None, gt=0)
+    max_queue: int = Field(1024, ge=1)
+    max_queued_tokens: int = Field(2_000_000, ge=1)
+    reject_when_late: bool = False
+    priority: int = 0
+
+
+class BatchingConfig(_Strict):
+    max_batch_size: int = Field(64, ge=1)
+    max_batch_tokens: int = Field(16_384, ge=1)
+    max_wait_ms: float = Field(5.0, ge=0)
+    hybrid_min_batch_tokens: int = Field(256, ge=1)
+
+
+class KeyConfig(_Strict):
+    default_class: str | None = None
+    priority: int | None = None
+    rate_limit_rps: float | None = Field(None, gt=0)
+    burst: int | None = Field(None, ge=1)
+
+
+class LimitsConfig(_Strict):
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_inputs: int = Field(2048, ge=1)  # embedding inputs per request
+    max_tokens: int = Field(4096, ge=1)  # completion tokens per request
+    max_n: int = Field(1, ge=1)  # choices per request
+
+
+def _default_models() -> list[ModelConfig]:
+    return [
+        ModelConfig(name="all-MiniLM-L6-v2", kind="embedding", engine="sentence-transformers"),
+        ModelConfig(name="sage-tiny-random-lm", kind="llm", engine="transformers", params={"model": "tiny"}),
+    ]
+
+
+def _default_classes() -> dict[str, ClassConfig]:
+    return {
+        "interactive": ClassConfig(ttft_ms=1000, tpot_ms=200, e2e_ms=10_000, max_queue=256, priority=-1),
+        "batch": ClassConfig(e2e_ms=600_000, max_queue=4096, max_queued_tokens=8_000_000, priority=1),
+    }
+
+
+class ControlPlaneConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8100, ge=0, le=65535)
+    policy: str = "hybrid"
+    default_class: str = "interactive"
+    classes: dict[str, ClassConfig] = Field(default_factory=_default_classes)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    models: list[ModelConfig] = Field(default_factory=_default_models)
+    api_keys_env: str = "SAGE_CONTROLPLANE_API_KEYS"
+    api_keys_file: Path | None = None
+    keys: dict[str, KeyConfig] = Field(default_factory=dict)
+    max_attempts: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ControlPlaneConfig:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; expected one of {', '.join(POLICIES)}")
+        if self.default_class not in self.classes:
+            raise ValueError(
+                f"default_class {self.default_class!r} is not one of the classes {sorted(self.classes)}"
+            )
+        for name, key in self.keys.items():
+            if key.default_class is not None and key.default_class not in self.classes:
+                raise ValueError(f"keys.{name}.default_class {key.default_class!r} is not a configured class")
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def slo_classes(self) -> dict[str, SLOClass]:
+        return {name: SLOClass(name, **c.model_dump()) for name, c in self.classes.items()}
+
+    def batch_limits(self) -> BatchLimits:
+        return BatchLimits(**self.batching.model_dump())
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> ControlPlaneConfig:
+    """The embedded defaults, or a YAML file (errors name the file, line and field)."""
+    if path is None:
+        return ControlPlaneConfig(**overrides)
+    doc = read_yaml(path, "control-plane config")
+    if overrides and isinstance(doc.data, dict):
+        doc.data.update(overrides)
+    config: ControlPlaneConfig = doc.validate(ControlPlaneConfig)
+    return config

@@ -1,0 +1,79 @@
+"""Prometheus metrics of the control plane (one registry per process, served at ``/metrics``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model", "slo_class"]
+        self.queue_depth = Gauge(
+            "sage_queue_depth", "Requests waiting in the scheduler", labels, registry=self.registry
+        )
+        self.batch_size = Histogram(
+            "sage_embedding_batch_size",
+            "Inputs per coalesced embedding batch",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "sage_time_to_first_token_seconds",
+            "Time to first token",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tpot = Histogram(
+            "sage_time_per_output_token_seconds",
+            "Time between output tokens",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.e2e = Histogram(
+            "sage_e2e_request_latency_seconds",
+            "End-to-end request latency",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.rejections = Counter(
+            "sage_rejected_requests",
+            "Requests answered with an error by admission control or failover",
+            [*labels, "reason"],
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            "sage_requests", "Requests received", ["model", "slo_class", "endpoint"], registry=self.registry
+        )
+
+    def observe_batch(self, model: str, size: int) -> None:
+        self.batch_size.labels(model).observe(size)
+
+    def observe_ttft(self, model: str, slo: str, seconds: float) -> None:
+        self.ttft.labels(model, slo).observe(seconds)
+
+    def observe_tpot(self, model: str, slo: str, seconds: float) -> None:
+        self.tpot.labels(model, slo).observe(seconds)
+
+    def observe_e2e(self, model: str, slo: str, seconds: float) -> None:
+        self.e2e.labels(model, slo).observe(seconds)
+
+    def rejected(self, model: str, slo: str, reason: str) -> None:
+        self.rejections.labels(model, slo, reason).inc()
+
+    def set_queue_depths(self, scheduler: Any) -> None:
+        for model in {r.model for r in scheduler.replicas.values()}:
+            for slo in scheduler.classes:
+                self.queue_depth.labels(model, slo).set(scheduler.queue_depth(model, slo))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

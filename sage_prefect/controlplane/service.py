@@ -1,0 +1,378 @@
+"""The control plane's runtime: carries out the scheduler's actions on real engines.
+
+Everything here runs on one asyncio loop. Requests become `scheduler.Request` objects and a
+future; the scheduler's `Dispatch` actions start embedding batches (in a worker thread) or
+hand an LLM request to a replica; `Reject`/`Fail` become errors the gateway turns into
+HTTP answers; `WakeAt` schedules a `Tick`. Engines that fail are reported to the scheduler,
+which takes the replica out and retries the work elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sage_prefect.controlplane.config import ControlPlaneConfig, ModelConfig
+from sage_prefect.controlplane.engines.base import (
+    EmbeddingEngine,
+    EngineError,
+    GenerationRequest,
+    LLMEngine,
+    TokenEvent,
+    UpstreamError,
+)
+from sage_prefect.controlplane.metrics import Metrics
+from sage_prefect.controlplane.scheduler import (
+    Action,
+    Cancel,
+    Dispatch,
+    Done,
+    Event,
+    Fail,
+    FirstToken,
+    Load,
+    Reject,
+    Replica,
+    ReplicaDown,
+    ReplicaUp,
+    Request,
+    Scheduler,
+    Submit,
+    Tick,
+    WakeAt,
+)
+
+logger = logging.getLogger("sage_prefect.controlplane")
+
+
+class ServiceError(Exception):
+    """A request the control plane cannot serve: carries the HTTP status and OpenAI error fields."""
+
+    def __init__(
+        self, status: int, message: str, *, code: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.retry_after = retry_after
+
+
+EngineFactory = Callable[[ModelConfig, int], EmbeddingEngine | LLMEngine]
+
+
+def build_engine(model: ModelConfig, index: int) -> EmbeddingEngine | LLMEngine:
+    """Construct one replica of a configured model (imports the engine module lazily)."""
+    params = dict(model.params)
+    if model.engine == "sentence-transformers":
+        from sage_prefect.controlplane.engines.sentence_transformers import SentenceTransformerEngine
+
+        params.setdefault("model", model.name)
+        return SentenceTransformerEngine(device=model.device or "cpu", name=model.name, **params)
+    if model.engine == "transformers":
+        from sage_prefect.controlplane.engines.local_llm import TransformersLLMEngine
+
+        params.setdefault("model", model.name)
+        return TransformersLLMEngine(device=model.device or "cpu", name=model.name, **params)
+    from sage_prefect.controlplane.engines import openai_upstream
+
+    urls = params.pop("base_urls", None)
+    if urls:
+        params["base_url"] = urls[index % len(urls)]
+    if model.kind == "embedding":
+        return openai_upstream.OpenAIEmbeddingEngine(name=model.name, **params)
+    return openai_upstream.OpenAILLMEngine(name=model.name, **params)
+
+
+@dataclass
+class _Waiter:
+    request: Request
+    future: asyncio.Future[Any]
+    texts: list[str] | None = None
+
+
+class ControlPlane:
+    """Models, replicas, the scheduler and the metrics of one control-plane process."""
+
+    def __init__(
+        self,
+        config: ControlPlaneConfig,
+        *,
+        engine_factory: EngineFactory = build_engine,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.config = config
+        self.scheduler = Scheduler(
+            config.policy, config.slo_classes(), config.batch_limits(), max_attempts=config.max_attempts
+        )
+        self.metrics = metrics or Metrics()
+        self.models: dict[str, ModelConfig] = {m.name: m for m in config.models}
+        self.engines: dict[str, EmbeddingEngine | LLMEngine] = {}
+        self._factory = engine_factory
+        self._waiters: dict[str, _Waiter] = {}
+        self._ids = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.started = False
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for model in self.config.models:
+            for index in range(model.replicas):
+                replica_id = f"{model.name}#{index}"
+                engine = await asyncio.to_thread(self._factory, model, index)
+                self.engines[replica_id] = engine
+                slots = (
+                    1 if model.kind == "embedding" else int(model.slots or getattr(engine, "slots", 1) or 1)
+                )
+                self.scheduler.add_replica(
+                    Replica(replica_id, model.name, model.kind, slots=slots, device=model.device)
+                )
+                logger.info("replica %s ready (%s, %s)", replica_id, model.engine, model.device)
+        self._monitor = asyncio.create_task(self._watch_replicas())
+        self.started = True
+
+    async def stop(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+        for engine in self.engines.values():
+            try:
+                if isinstance(engine, LLMEngine):
+                    await engine.aclose()
+                else:
+                    await asyncio.to_thread(engine.close)
+            except Exception:  # pragma: no cover - shutting down anyway
+                logger.debug("engine close failed", exc_info=True)
+        self.started = False
+
+    # ---- requests --------------------------------------------------------------------
+
+    def model(self, name: str, kind: str) -> ModelConfig:
+        model = self.models.get(name)
+        if model is None or model.kind != kind:
+            available = sorted(m.name for m in self.models.values() if m.kind == kind)
+            raise ServiceError(
+                404,
+                f"The model '{name}' does not exist or does not serve this endpoint; "
+                f"available {kind} models: {', '.join(available) or 'none'}",
+                code="model_not_found",
+            )
+        return model
+
+    def embedding_engine(self, model: str) -> EmbeddingEngine:
+        for replica_id, engine in self.engines.items():
+            if replica_id.rsplit("#", 1)[0] == model and isinstance(engine, EmbeddingEngine):
+                return engine
+        raise ServiceError(404, f"The model '{model}' does not exist", code="model_not_found")
+
+    def llm_engine(self, model: str) -> LLMEngine:
+        for replica_id, engine in self.engines.items():
+            if replica_id.rsplit("#", 1)[0] == model and isinstance(engine, LLMEngine):
+                return engine
+        raise ServiceError(404, f"The model '{model}' does not exist", code="model_not_found")
+
+    async def embed(
+        self, model: str, texts: list[str], tokens: list[int], slo: str, priority: int
+    ) -> list[list[float]]:
+        """Vectors for ``texts``, computed in a batch coalesced with other clients' requests."""
+        loop = self._running_loop()
+        rid = f"emb-{next(self._ids)}"
+        request = Request(
+            rid,
+            model,
+            "embedding",
+            slo,
+            loop.time(),
+            tokens=sum(tokens),
+            inputs=len(texts),
+            priority=priority,
+        )
+        waiter = _Waiter(request, loop.create_future(), texts)
+        self._waiters[rid] = waiter
+        started = time.perf_counter()
+        try:
+            self._feed(Submit(request, loop.time()))
+            vectors: list[list[float]] = await waiter.future
+        except ServiceError as exc:
+            self.metrics.rejected(model, slo, exc.code or str(exc.status))
+            raise
+        finally:
+            if not waiter.future.done():
+                self._feed(Cancel(rid, loop.time()))
+            self._waiters.pop(rid, None)
+        self.metrics.observe_e2e(model, slo, time.perf_counter() - started)
+        return vectors
+
+    async def generate(self, model: str, request: GenerationRequest, slo: str) -> AsyncIterator[TokenEvent]:
+        """Stream one completion; retried on another replica if its replica fails before output."""
+        loop = self._running_loop()
+        rid = request.id
+        sched_req = Request(
+            rid,
+            model,
+            "llm",
+            slo,
+            loop.time(),
+            tokens=self.llm_engine(model).count_tokens(request.prompt),
+            max_tokens=request.max_tokens,
+            priority=request.priority,
+        )
+        waiter = _Waiter(sched_req, loop.create_future())
+        self._waiters[rid] = waiter
+        started = time.perf_counter()
+        replica: str | None = None
+        finished = False
+        try:
+            self._feed(Submit(sched_req, loop.time()))
+            while True:
+                try:
+                    replica = await waiter.future
+                except ServiceError as exc:
+                    self.metrics.rejected(model, slo, exc.code or str(exc.status))
+                    raise
+                engine = self.engines[replica]
+                assert isinstance(engine, LLMEngine)
+                produced = 0
+                last_token = 0.0
+                try:
+                    async for event in engine.generate(request):
+                        now = time.perf_counter()
+                        if produced == 0:
+                            self._feed(FirstToken(replica, rid, loop.time()))
+                            self.metrics.observe_ttft(model, slo, now - started)
+                        elif event.text:
+                            self.metrics.observe_tpot(model, slo, now - last_token)
+                        last_token = now
+                        produced += 1
+                        yield event
+                except (ValueError, UpstreamError):
+                    finished = True
+                    self._feed(Done(replica, (rid,), loop.time()))
+                    raise
+                except (EngineError, OSError) as exc:
+                    if produced:  # the client has part of the answer: it cannot be replayed elsewhere
+                        finished = True
+                        self._feed(Done(replica, (rid,), loop.time()))
+                        self._feed(ReplicaDown(replica, loop.time(), str(exc)))
+                        raise ServiceError(502, f"replica {replica} failed mid-stream: {exc}") from exc
+                    logger.warning("replica %s failed on %s, retrying elsewhere: %s", replica, rid, exc)
+                    waiter.future = loop.create_future()
+                    self._feed(Done(replica, (rid,), loop.time(), failed=True, reason=str(exc)))
+                    continue
+                finished = True
+                self._feed(Done(replica, (rid,), loop.time()))
+                self.metrics.observe_e2e(model, slo, time.perf_counter() - started)
+                return
+        finally:
+            if not finished:
+                if replica is not None and waiter.future.done() and not waiter.future.exception():
+                    self._feed(Done(replica, (rid,), loop.time()))  # client went away mid-stream
+                else:
+                    self._feed(Cancel(rid, loop.time()))
+            self._waiters.pop(rid, None)
+
+    # ---- the scheduler's actions -----------------------------------------------------
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("the control plane is not started")
+        return self._loop
+
+    def _feed(self, event: Event) -> None:
+        for action in self.scheduler.handle(event):
+            self._act(action)
+        self.metrics.set_queue_depths(self.scheduler)
+
+    def _act(self, action: Action) -> None:
+        loop = self._running_loop()
+        if isinstance(action, Dispatch):
+            if action.batch:
+                self._spawn(self._run_batch(action))
+            else:
+                waiter = self._waiters.get(action.requests[0])
+                if waiter is None or waiter.future.done():
+                    self._feed(Done(action.replica, action.requests, loop.time()))
+                else:
+                    waiter.future.set_result(action.replica)
+        elif isinstance(action, Reject):
+            self._fail(
+                action.request,
+                ServiceError(action.status, action.message, code=action.code, retry_after=action.retry_after),
+            )
+        elif isinstance(action, Fail):
+            self._fail(action.request, ServiceError(action.status, action.message))
+        elif isinstance(action, WakeAt):
+            loop.call_at(action.time, lambda: self._feed(Tick(loop.time())))
+
+    def _fail(self, rid: str, error: ServiceError) -> None:
+        waiter = self._waiters.get(rid)
+        if waiter is not None and not waiter.future.done():
+            waiter.future.set_exception(error)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_batch(self, action: Dispatch) -> None:
+        loop = self._running_loop()
+        waiters = [self._waiters.get(rid) for rid in action.requests]
+        live = [w for w in waiters if w is not None and not w.future.done()]
+        texts = [t for w in live for t in (w.texts or [])]
+        engine = self.engines[action.replica]
+        assert isinstance(engine, EmbeddingEngine)
+        if not texts:
+            self._feed(Done(action.replica, action.requests, loop.time()))
+            return
+        model = action.replica.rsplit("#", 1)[0]
+        self.metrics.observe_batch(model, len(texts))
+        try:
+            vectors = await asyncio.to_thread(engine.embed, texts)
+            if len(vectors) != len(texts):
+                raise EngineError(f"{action.replica} returned {len(vectors)} vectors for {len(texts)} texts")
+        except UpstreamError as exc:
+            for w in live:
+                w.future.set_exception(ServiceError(exc.status, str(exc)))
+            self._feed(Done(action.replica, action.requests, loop.time()))
+            return
+        except Exception as exc:
+            logger.warning("embedding replica %s failed: %s", action.replica, exc)
+            self._feed(Done(action.replica, action.requests, loop.time(), failed=True, reason=str(exc)))
+            return
+        offset = 0
+        for w in live:
+            n = len(w.texts or [])
+            w.future.set_result(vectors[offset : offset + n])
+            offset += n
+        self._feed(Done(action.replica, action.requests, loop.time()))
+
+    # ---- replica health and load -----------------------------------------------------
+
+    async def _watch_replicas(self, interval: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            loop = self._running_loop()
+            for replica_id, engine in self.engines.items():
+                state = self.scheduler.replicas[replica_id]
+                probe = getattr(engine, "probe", None)
+                if probe is None:
+                    continue
+                try:
+                    depth = await probe()
+                except Exception:
+                    if state.healthy and not state.running:
+                        self._feed(ReplicaDown(replica_id, loop.time(), "health probe failed"))
+                    continue
+                if not state.healthy:
+                    logger.info("replica %s is back", replica_id)
+                    self._feed(ReplicaUp(replica_id, loop.time()))
+                if depth is not None:
+                    self._feed(Load(replica_id, int(depth), loop.time()))
