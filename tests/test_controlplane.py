@@ -103,8 +103,12 @@ def test_concurrent_requests_are_coalesced_into_batches(server: Background) -> N
 
     asyncio.run(run())
     after = httpx.get(f"{server.url}/metrics").text
-    batches = _metric(after, "sage_embedding_batch_size_count") - _metric(before, "sage_embedding_batch_size_count")
-    inputs = _metric(after, "sage_embedding_batch_size_sum") - _metric(before, "sage_embedding_batch_size_sum")
+    batches = _metric(after, "sage_embedding_batch_size_count") - _metric(
+        before, "sage_embedding_batch_size_count"
+    )
+    inputs = _metric(after, "sage_embedding_batch_size_sum") - _metric(
+        before, "sage_embedding_batch_size_sum"
+    )
     assert inputs == 48
     assert inputs / batches > 1, f"48 concurrent requests ran in {batches:.0f} batches"
     assert "sage_queue_depth" in after and "sage_e2e_request_latency_seconds_bucket" in after
@@ -222,3 +226,46 @@ def test_config_errors_name_file_line_and_field(tmp_path: Path) -> None:
     bad.write_text("policy: lifo\n")
     with pytest.raises(ConfigError, match=r"cp.yaml:1: .*unknown policy 'lifo'"):
         load_config(bad)
+
+
+def test_cli_serve(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from typer.testing import CliRunner
+
+    from sage_prefect.cli.main import app
+    from sage_prefect.controlplane.server import free_port
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("port: -1\n")
+    result = CliRunner().invoke(app, ["controlplane", "serve", "--config", str(bad)])
+    assert result.exit_code == 1 and "bad.yaml:1: field 'port'" in result.output.replace("\n", "")
+
+    port = free_port()
+    exe = shutil.which("sage-prefect", path=str(Path(sys.executable).parent)) or "sage-prefect"
+    cmd = [
+        exe,
+        "controlplane",
+        "serve",
+        "--config",
+        str(write_config(tmp_path / "cp.yaml")),
+        "--port",
+        str(port),
+    ]
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            pytest.fail("sage-prefect controlplane serve did not come up")
+    finally:
+        process.terminate()
+        process.wait(20)

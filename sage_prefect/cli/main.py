@@ -19,6 +19,10 @@ app = typer.Typer(
 )
 cluster_app = typer.Typer(help="Dask clusters with GPU/CPU resource labels.", no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
+controlplane_app = typer.Typer(
+    help="The OpenAI-compatible control plane for LLM and embedding traffic.", no_args_is_help=True
+)
+app.add_typer(controlplane_app, name="controlplane")
 console = Console()
 err = Console(stderr=True)
 
@@ -97,6 +101,28 @@ def cluster_up(
         pass
     except (SageError, OSError) as exc:
         raise _fail(exc) from None
+
+
+@controlplane_app.command("serve")
+def controlplane_serve(
+    config: Annotated[
+        Path | None, typer.Option(help="controlplane.yaml (default: the embedded models on 127.0.0.1:8100).")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (non-loopback requires API keys).")] = None,
+    port: Annotated[int | None, typer.Option(min=0, max=65535, help="Port.")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /health, /metrics."""
+    from sage_prefect.controlplane.config import load_config
+    from sage_prefect.controlplane.server import serve
+
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    try:
+        cfg = load_config(config, **overrides)
+    except SageError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"control plane on http://{cfg.host}:{cfg.port}/v1 (policy {cfg.policy})", err=True)
+    serve(cfg, log_level=log_level)
 
 
 @app.command()
