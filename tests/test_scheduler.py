@@ -139,7 +139,9 @@ def test_memory_stays_bounded_at_ten_times_overload() -> None:
     rejected = 0
     for i in range(10 * (4 + 8)):
         slo = "interactive" if i % 2 else "batch"
-        rejected += sum(isinstance(a, Reject) for a in s.handle(Submit(llm(f"r{i}", i * 0.001, slo), i * 0.001)))
+        rejected += sum(
+            isinstance(a, Reject) for a in s.handle(Submit(llm(f"r{i}", i * 0.001, slo), i * 0.001))
+        )
     assert s.queue_depth() == 4 + 8
     assert len(s.requests) == 4 + 8 + 1  # waiting + running
     assert rejected == 10 * 12 - 13
@@ -152,7 +154,9 @@ def test_deadline_admission_uses_the_measured_speed() -> None:
     s.handle(Submit(emb("a", 0.0, tokens=100, slo="tight"), 0.0))
     s.handle(Done("e-0", ("a",), 1.0))  # measured: 100 tokens/s
     s.handle(Submit(emb("b", 1.0, tokens=100, slo="tight"), 1.0))  # runs now
-    (reject,) = [a for a in s.handle(Submit(emb("c", 1.0, tokens=100, slo="tight"), 1.0)) if isinstance(a, Reject)]
+    (reject,) = [
+        a for a in s.handle(Submit(emb("c", 1.0, tokens=100, slo="tight"), 1.0)) if isinstance(a, Reject)
+    ]
     assert reject.code == "deadline_unreachable" and reject.retry_after >= 1
 
 

@@ -54,8 +54,6 @@ class LocatedYAML:
             f"{self.file}:{line}: field {field!r}: {message}", file=str(self.file), line=line, field=field
         )
 
-
-
     def validate(self, model: type[BaseModel]) -> Any:
         """``model.model_validate(data)``; the first validation error names file, line and field."""
         if not isinstance(self.data, dict):
