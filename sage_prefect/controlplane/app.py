@@ -106,6 +106,10 @@ def create_app(config: ControlPlaneConfig, plane: ControlPlane | None = None) ->
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc)
 
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(APIError(exc.status, exc.message, code=exc.code, retry_after=exc.retry_after))
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(APIError(exc.status_code, str(exc.detail)))
@@ -190,8 +194,6 @@ def create_app(config: ControlPlaneConfig, plane: ControlPlane | None = None) ->
     async def guarded(coro: Any) -> Any:
         try:
             return await coro
-        except ServiceError as exc:
-            raise APIError(exc.status, exc.message, code=exc.code, retry_after=exc.retry_after) from None
         except UpstreamError as exc:
             raise APIError(exc.status, str(exc)) from None
         except ValueError as exc:
@@ -221,14 +223,13 @@ def create_app(config: ControlPlaneConfig, plane: ControlPlane | None = None) ->
         body = await body_of(request)
         who = caller(request, body)
         name = require_model(body)
-        await guarded(_async(plane.model, name, "embedding"))
+        engine = plane.embedding_engine(name)
         texts = _embedding_inputs(body.get("input"), config.limits.max_inputs)
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             raise APIError(
                 400, f"encoding_format must be 'float' or 'base64', got {fmt!r}", param="encoding_format"
             )
-        engine = plane.embedding_engine(name)
         tokens = engine.count_tokens(texts)
         for i, n in enumerate(tokens):
             if n > engine.max_input_tokens:
@@ -250,7 +251,6 @@ def create_app(config: ControlPlaneConfig, plane: ControlPlane | None = None) ->
         body = await body_of(request)
         who = caller(request, body)
         name = require_model(body)
-        await guarded(_async(plane.model, name, "llm"))
         engine = plane.llm_engine(name)
         greq = _generation_request(body, chat, engine, config)
         greq.priority = who.priority
@@ -315,10 +315,6 @@ def create_app(config: ControlPlaneConfig, plane: ControlPlane | None = None) ->
         return await completion(request, chat=False)
 
     return app
-
-
-async def _async(fn: Any, *args: Any) -> Any:
-    return fn(*args)
 
 
 def _embedding_inputs(value: Any, max_inputs: int) -> list[str]:

@@ -167,17 +167,21 @@ class ControlPlane:
             )
         return model
 
+    def _engine(self, model: str, kind: str) -> EmbeddingEngine | LLMEngine:
+        """An engine of ``model`` (its first replica), for token counting and prompt rendering."""
+        self.model(model, kind)
+        replica = next(r.id for r in self.scheduler.replicas.values() if r.model == model)
+        return self.engines[replica]
+
     def embedding_engine(self, model: str) -> EmbeddingEngine:
-        for replica_id, engine in self.engines.items():
-            if replica_id.rsplit("#", 1)[0] == model and isinstance(engine, EmbeddingEngine):
-                return engine
-        raise ServiceError(404, f"The model '{model}' does not exist", code="model_not_found")
+        engine = self._engine(model, "embedding")
+        assert isinstance(engine, EmbeddingEngine)
+        return engine
 
     def llm_engine(self, model: str) -> LLMEngine:
-        for replica_id, engine in self.engines.items():
-            if replica_id.rsplit("#", 1)[0] == model and isinstance(engine, LLMEngine):
-                return engine
-        raise ServiceError(404, f"The model '{model}' does not exist", code="model_not_found")
+        engine = self._engine(model, "llm")
+        assert isinstance(engine, LLMEngine)
+        return engine
 
     async def embed(
         self, model: str, texts: list[str], tokens: list[int], slo: str, priority: int
@@ -332,7 +336,7 @@ class ControlPlane:
         if not texts:
             self._feed(Done(action.replica, action.requests, loop.time()))
             return
-        model = action.replica.rsplit("#", 1)[0]
+        model = self.scheduler.replicas[action.replica].model
         self.metrics.observe_batch(model, len(texts))
         try:
             vectors = await asyncio.to_thread(engine.embed, texts)
