@@ -265,7 +265,7 @@ def create_app(config: ControlPlaneConfig, plane: ControlPlane | None = None) ->
         prefix = "chatcmpl-" if chat else "cmpl-"
         rid = prefix + uuid.uuid4().hex[:24]
         greq.id = rid
-        events = plane.generate(name, greq, who.slo)
+        events = plane.generate(name, greq, who.slo, buffered=not stream)
         if not stream:
             text, finish, usage = "", "stop", {"prompt_tokens": 0, "completion_tokens": 0}
 

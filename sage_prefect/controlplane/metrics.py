@@ -51,6 +51,18 @@ class Metrics:
             [*labels, "reason"],
             registry=self.registry,
         )
+        self.replica_failures = Counter(
+            "sage_replica_failures",
+            "Requests or batches that failed on a replica (retried elsewhere when possible)",
+            ["replica"],
+            registry=self.registry,
+        )
+        self.replica_up = Gauge(
+            "sage_replica_up",
+            "1 while a replica is healthy, 0 while it is taken out",
+            ["replica"],
+            registry=self.registry,
+        )
         self.requests = Counter(
             "sage_requests", "Requests received", ["model", "slo_class", "endpoint"], registry=self.registry
         )
@@ -69,6 +81,12 @@ class Metrics:
 
     def rejected(self, model: str, slo: str, reason: str) -> None:
         self.rejections.labels(model, slo, reason).inc()
+
+    def replica_failed(self, replica: str) -> None:
+        self.replica_failures.labels(replica).inc()
+
+    def set_replica_up(self, replica: str, up: bool) -> None:
+        self.replica_up.labels(replica).set(1 if up else 0)
 
     def set_queue_depths(self, scheduler: Any) -> None:
         for model in {r.model for r in scheduler.replicas.values()}:

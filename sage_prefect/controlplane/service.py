@@ -136,6 +136,7 @@ class ControlPlane:
                 self.scheduler.add_replica(
                     Replica(replica_id, model.name, model.kind, slots=slots, device=model.device)
                 )
+                self.metrics.set_replica_up(replica_id, True)
                 logger.info("replica %s ready (%s, %s)", replica_id, model.engine, model.device)
         self._monitor = asyncio.create_task(self._watch_replicas())
         self.started = True
@@ -215,8 +216,15 @@ class ControlPlane:
         self.metrics.observe_e2e(model, slo, time.perf_counter() - started)
         return vectors
 
-    async def generate(self, model: str, request: GenerationRequest, slo: str) -> AsyncIterator[TokenEvent]:
-        """Stream one completion; retried on another replica if its replica fails before output."""
+    async def generate(
+        self, model: str, request: GenerationRequest, slo: str, *, buffered: bool = False
+    ) -> AsyncIterator[TokenEvent]:
+        """Stream one completion; retried on another replica if its replica fails.
+
+        A streamed answer is retried only while the client has seen nothing of it. With
+        ``buffered`` (a non-streaming request) the events are held back until the answer is
+        complete, so a replica that fails part-way is retried elsewhere from the start.
+        """
         loop = self._running_loop()
         rid = request.id
         sched_req = Request(
@@ -246,6 +254,7 @@ class ControlPlane:
                 assert isinstance(engine, LLMEngine)
                 produced = 0
                 last_token = 0.0
+                held: list[TokenEvent] = []
                 try:
                     async for event in engine.generate(request):
                         now = time.perf_counter()
@@ -256,13 +265,17 @@ class ControlPlane:
                             self.metrics.observe_tpot(model, slo, now - last_token)
                         last_token = now
                         produced += 1
-                        yield event
+                        if buffered:
+                            held.append(event)
+                        else:
+                            yield event
                 except (ValueError, UpstreamError):
                     finished = True
                     self._feed(Done(replica, (rid,), loop.time()))
                     raise
                 except (EngineError, OSError) as exc:
-                    if produced:  # the client has part of the answer: it cannot be replayed elsewhere
+                    self.metrics.replica_failed(replica)
+                    if produced and not buffered:  # the client has part of the answer: no replay
                         finished = True
                         self._feed(Done(replica, (rid,), loop.time()))
                         self._feed(ReplicaDown(replica, loop.time(), str(exc)))
@@ -274,10 +287,14 @@ class ControlPlane:
                 finished = True
                 self._feed(Done(replica, (rid,), loop.time()))
                 self.metrics.observe_e2e(model, slo, time.perf_counter() - started)
+                for event in held:
+                    yield event
                 return
         finally:
             if not finished:
-                if replica is not None and waiter.future.done() and not waiter.future.exception():
+                future = waiter.future
+                dispatched = future.done() and not future.cancelled() and future.exception() is None
+                if replica is not None and dispatched:
                     self._feed(Done(replica, (rid,), loop.time()))  # client went away mid-stream
                 else:
                     self._feed(Cancel(rid, loop.time()))
@@ -294,6 +311,9 @@ class ControlPlane:
         for action in self.scheduler.handle(event):
             self._act(action)
         self.metrics.set_queue_depths(self.scheduler)
+        if isinstance(event, ReplicaDown | ReplicaUp) or (isinstance(event, Done) and event.failed):
+            for replica in self.scheduler.replicas.values():
+                self.metrics.set_replica_up(replica.id, replica.healthy)
 
     def _act(self, action: Action) -> None:
         loop = self._running_loop()
@@ -349,6 +369,7 @@ class ControlPlane:
             return
         except Exception as exc:
             logger.warning("embedding replica %s failed: %s", action.replica, exc)
+            self.metrics.replica_failed(action.replica)
             self._feed(Done(action.replica, action.requests, loop.time(), failed=True, reason=str(exc)))
             return
         offset = 0
