@@ -182,7 +182,9 @@ def test_async_client_concurrent_chats_are_batched(server: Background) -> None:
                     temperature=0,
                     stream=True,
                 )
-                streamed.append("".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices]))
+                streamed.append(
+                    "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
+                )
             return [str(r.choices[0].message.content) for r in plain], streamed
 
     plain, streamed = asyncio.run(run())

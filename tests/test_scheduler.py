@@ -175,6 +175,24 @@ def test_a_failed_replica_is_taken_out_and_its_requests_retried_elsewhere() -> N
     assert isinstance(reject, Reject) and reject.status == 503
 
 
+def test_requests_running_on_a_failed_replica_are_retried_only_when_they_fail() -> None:
+    s = Scheduler("fifo", CLASSES)
+    s.add_replica(Replica("a", "lm", "llm", slots=4))
+    s.add_replica(Replica("b", "lm", "llm", slots=4))
+    for rid in ("x", "y", "z"):
+        s.handle(Submit(llm(rid, 0.0), 0.0))
+    on_a = [rid for rid in ("x", "y", "z") if rid in s.replicas["a"].running]
+    assert len(on_a) == 2  # least outstanding work: x -> a, y -> b, z -> a
+    first, *others = on_a
+    actions = s.handle(Done("a", (first,), 0.5, failed=True, reason="connection reset"))
+    assert dispatched(actions) == [("b", (first,))] and not s.replicas["a"].healthy
+    # the others still run on a (their runs are not over): no second dispatch of them yet
+    assert all(rid in s.replicas["a"].running for rid in others)
+    for rid in others:
+        assert dispatched(s.handle(Done("a", (rid,), 0.6, failed=True, reason="reset"))) == [("b", (rid,))]
+    assert not s.replicas["a"].running
+
+
 def test_cancel_drops_a_waiting_request() -> None:
     s = one_llm("fifo")
     s.handle(Submit(llm("a", 0.0), 0.0))

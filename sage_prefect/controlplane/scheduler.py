@@ -399,10 +399,9 @@ class Scheduler:
         if replica is None:
             return
         replica.healthy = False
-        for rid in list(replica.running):
-            req = replica.running.pop(rid)
-            self._retry(req, replica_id, reason, actions)
-        replica.batches.clear()
+        # Work already running there stays accounted to it: the runtime reports each request's
+        # own `Done` (``failed`` -> retried elsewhere, or finished if it completed after all).
+        # Re-queueing it here would dispatch a request twice while its first run still goes on.
         if not any(r.healthy for r in self.replicas.values() if r.model == replica.model):
             for rid in list(self._waiting.get(replica.model, set())):
                 req = self.requests.pop(rid)
