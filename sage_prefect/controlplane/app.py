@@ -9,11 +9,12 @@ rate limits, 503 when no replica can serve. A client mistake is never a 500.
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import math
+import os
 import struct
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -96,6 +97,9 @@ def create_app(config: ControlPlaneConfig, plane: ControlPlane | None = None) ->
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if not plane.started:
             await plane.start()
+        # the start-up heap (Prefect, pydantic, models: ~170k objects) never becomes garbage;
+        # out of the collector's reach, a full collection no longer stalls requests for ~50 ms
+        gc.freeze()
         yield
         await plane.stop()
 
@@ -208,17 +212,15 @@ def create_app(config: ControlPlaneConfig, plane: ControlPlane | None = None) ->
     async def metrics() -> Response:
         return Response(plane.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
+    async def models(request: Request) -> JSONResponse:
         caller(request, {})
         created = int(time.time())
         data = [
             {"id": m.name, "object": "model", "created": created, "owned_by": "sage-prefect", "kind": m.kind}
             for m in config.models
         ]
-        return {"object": "list", "data": data}
+        return JSONResponse({"object": "list", "data": data})
 
-    @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> JSONResponse:
         body = await body_of(request)
         who = caller(request, body)
@@ -258,12 +260,13 @@ def create_app(config: ControlPlaneConfig, plane: ControlPlane | None = None) ->
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise APIError(400, "stream must be a boolean", param="stream")
+        greq.stream = stream
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise APIError(400, "stream_options must be an object", param="stream_options")
         created = int(time.time())
         prefix = "chatcmpl-" if chat else "cmpl-"
-        rid = prefix + uuid.uuid4().hex[:24]
+        rid = prefix + os.urandom(12).hex()
         greq.id = rid
         events = plane.generate(name, greq, who.slo, buffered=not stream)
         if not stream:
@@ -306,14 +309,19 @@ def create_app(config: ControlPlaneConfig, plane: ControlPlane | None = None) ->
             _sse(iterator, first, rid, created, name, chat, include_usage), media_type="text/event-stream"
         )
 
-    @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await completion(request, chat=True)
 
-    @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await completion(request, chat=False)
 
+    # The OpenAI routes are plain Starlette routes: they read and check their own bodies, so
+    # FastAPI's per-request machinery (dependency solving, cookie and query parsing) would be
+    # pure overhead, about a fifth of a proxied request's CPU. Errors reach the same handlers.
+    app.add_route("/v1/models", models, methods=["GET"])
+    app.add_route("/v1/embeddings", embeddings, methods=["POST"])
+    app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_route("/v1/completions", completions, methods=["POST"])
     return app
 
 

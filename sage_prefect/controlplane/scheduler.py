@@ -296,6 +296,10 @@ class Scheduler:
                 self.replicas[event.replica].healthy = True
         elif isinstance(event, Load) and event.replica in self.replicas:
             self.replicas[event.replica].queue_depth = max(0, event.queue_depth)
+        elif isinstance(event, Tick):
+            # the wake-up asked for has come: a batch still not due (a timer that fired a little
+            # early: uvloop's have millisecond resolution) needs a new WakeAt, even for the same time
+            self._wake = None
         self._schedule(event.now, actions)
         return actions
 

@@ -47,6 +47,7 @@ class GenerationRequest:
     messages: list[dict[str, Any]] | None = None  # chat requests: the original messages
     priority: int = 0  # forwarded to upstreams that understand it (vLLM)
     extra: dict[str, Any] = field(default_factory=dict)  # other OpenAI fields, forwarded upstream
+    stream: bool = True  # the client streams; upstream engines forward a non-streaming one whole
 
 
 @dataclass
