@@ -76,7 +76,6 @@ class _Upstream:
         timeout: float = 600.0,
         metrics_url: str | None = None,
         name: str | None = None,
-        connections: int = 64,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model or name or ""
@@ -84,7 +83,6 @@ class _Upstream:
         self.api_key = api_key
         self.headers = {"authorization": f"Bearer {api_key}", "content-type": "application/json"}
         self.timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
-        self.limits = httpx.Limits(max_connections=None, max_keepalive_connections=max(1, connections))
         root = self.base_url.removesuffix("/v1")
         self.metrics_url = metrics_url or f"{root}/metrics"
         self._http = httpx.AsyncClient(timeout=2.0)
@@ -104,7 +102,6 @@ class OpenAILLMEngine(_Upstream, LLMEngine):
     slots = 64  # the upstream batches; this bounds what we keep in flight there
 
     def __init__(self, base_url: str, *, slots: int = 64, **kwargs: Any) -> None:
-        kwargs.setdefault("connections", slots)
         super().__init__(base_url, **kwargs)
         self.slots = slots
         self._session: aiohttp.ClientSession | None = None  # made on the serving loop, at first use
@@ -112,7 +109,9 @@ class OpenAILLMEngine(_Upstream, LLMEngine):
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+            # idle connections are dropped after 4 s, before the upstream's own keep-alive timeout
+            # (uvicorn's default, in front of vLLM, is 5 s) can close one as a request goes out on it
+            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=4.0)
             timeout = aiohttp.ClientTimeout(
                 total=None, sock_connect=self.timeout.connect, sock_read=self.timeout.read
             )
@@ -248,12 +247,11 @@ class OpenAIEmbeddingEngine(_Upstream, EmbeddingEngine):
     def __init__(
         self, base_url: str, *, dimensions: int = 0, max_input_tokens: int = 8192, **kwargs: Any
     ) -> None:
-        kwargs.setdefault("connections", 4)
         super().__init__(base_url, **kwargs)
         self.dimensions = dimensions
         self.max_input_tokens = max_input_tokens
         # `embed` runs in a worker thread (the service's batches): a blocking client of its own
-        self.sync_client = httpx.Client(headers=self.headers, timeout=self.timeout, limits=self.limits)
+        self.sync_client = httpx.Client(headers=self.headers, timeout=self.timeout)
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         payload = json.dumps({"model": self.model, "input": texts}).encode()
