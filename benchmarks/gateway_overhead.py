@@ -495,6 +495,7 @@ def main() -> None:
         parser.error(f"--clients takes a comma-separated list of {', '.join(CLIENTS)}")
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import Progress
 
     console = Console()
@@ -508,7 +509,7 @@ def main() -> None:
         litellm_exe, why = ensure_litellm(args.litellm_venv, console)
         if litellm_exe is None:
             litellm_note = f"LiteLLM could not be installed: {why}"
-            console.print(f"[bold red]{litellm_note}[/]\n[bold]measuring direct vs gateway only[/]")
+            console.print(f"[bold red]{escape(litellm_note)}[/]\n[bold]measuring direct vs gateway only[/]")
     load_before = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="gateway-overhead-"))
     key = "sk-bench-" + secrets.token_hex(
@@ -595,7 +596,7 @@ def main() -> None:
                 )
             except (RuntimeError, TimeoutError) as exc:
                 litellm_note = f"LiteLLM's proxy did not start: {exc}"
-                console.print(f"[bold red]{litellm_note}[/]")
+                console.print(f"[bold red]{escape(litellm_note)}[/]")
 
         runs = [(k, c, t) for k in clients for c in levels for t in targets]
         with Progress(console=console, transient=True) as progress:
@@ -660,8 +661,8 @@ def main() -> None:
 
     for kind in clients:
         print_client(console, kind, report, levels)
-    console.print(f"LiteLLM: {litellm_note}")
-    console.print(f"written to {args.out}")
+    console.print(f"LiteLLM: {escape(litellm_note)}")
+    console.print(f"written to {escape(str(args.out))}")
 
 
 def print_client(console: Any, kind: str, report: dict[str, Any], levels: list[int]) -> None:
@@ -718,4 +719,8 @@ def print_client(console: Any, kind: str, report: dict[str, Any], levels: list[i
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted: every server this run started has been stopped", file=sys.stderr)
+        sys.exit(130)
