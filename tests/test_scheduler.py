@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from sage_prefect.controlplane.config import ControlPlaneConfig
 from sage_prefect.controlplane.scheduler import (
     BatchLimits,
     Cancel,
@@ -202,11 +203,11 @@ def test_cancel_drops_a_waiting_request() -> None:
     assert dispatched(s.handle(Done("lm-0", ("a",), 1.0))) == []
 
 
-def _shared_device(policy: str) -> Scheduler:
+def _shared_device(policy: str, device: str = "cuda:0") -> Scheduler:
     classes = {**CLASSES, "batch": SLOClass("batch", e2e_ms=60_000)}
     s = Scheduler(policy, classes, BatchLimits(max_batch_size=64, max_batch_tokens=10_000, max_wait_ms=0))
-    s.add_replica(Replica("lm-0", "lm", "llm", slots=4, device="cpu"))
-    s.add_replica(Replica("e-0", "emb", "embedding", device="cpu"))
+    s.add_replica(Replica("lm-0", "lm", "llm", slots=4, device=device))
+    s.add_replica(Replica("e-0", "emb", "embedding", device=device))
     s.handle(Submit(emb("warm", 0.0, tokens=1000), 0.0))
     s.handle(Done("e-0", ("warm",), 1.0))  # measured: 1,000 tokens/s
     return s
@@ -232,6 +233,35 @@ def test_hybrid_gives_prefill_the_device_and_cuts_batches_to_the_tpot_budget(pol
     assert len(batch[1]) == 40 - 256 // 20
 
 
+def test_hybrid_on_cpu_holds_batches_for_prefill_but_never_cuts_them() -> None:
+    # the OS time-slices a CPU: a running batch slows a decode step down, it does not block it,
+    # so cutting batches would only cost throughput (the LLM gets the cores by OS priority)
+    s = _shared_device("hybrid", device="cpu")
+    s.handle(Submit(llm("chat", 1.0, slo="interactive", model="lm"), 1.0))
+    assert dispatched(s.handle(Submit(emb("bulk", 1.0, tokens=30), 1.0))) == []  # prefill first
+    assert dispatched(s.handle(FirstToken("lm-0", "chat", 1.1))) == [("e-0", ("bulk",))]
+    for i in range(40):
+        s.handle(Submit(emb(f"b{i}", 1.2, tokens=20), 1.2))
+    (batch,) = dispatched(s.handle(Done("e-0", ("bulk",), 1.2)))  # chat still decoding
+    assert len(batch[1]) == 40
+
+
+def test_hybrid_runs_embeddings_in_the_background_on_a_cpu_shared_with_a_local_llm() -> None:
+    def models(**over: object) -> list[dict[str, object]]:
+        return [
+            {"name": "e", "kind": "embedding", "engine": "sentence-transformers", "device": "cpu", **over},
+            {"name": "lm", "kind": "llm", "engine": "transformers", "device": "cpu"},
+        ]
+
+    def params(policy: str, **over: object) -> dict[str, object]:
+        return ControlPlaneConfig(policy=policy, models=models(**over)).models[0].params
+
+    assert params("hybrid") == {"background": True}
+    assert params("fifo") == {}
+    assert params("hybrid", params={"background": False}) == {"background": False}
+    assert params("hybrid", device="cuda:0") == {}  # not the LLM's device
+
+
 def test_bad_configuration_is_named() -> None:
     with pytest.raises(ValueError, match="unknown scheduling policy 'lifo'"):
         Scheduler("lifo")
@@ -240,3 +270,15 @@ def test_bad_configuration_is_named() -> None:
         s.handle(Submit(llm("a", 0.0, slo="gold"), 0.0))
     (fail,) = s.handle(Submit(llm("b", 0.0, model="nope"), 0.0))
     assert isinstance(fail, Fail) and fail.status == 404
+
+
+def test_a_tick_that_comes_early_asks_for_the_wake_up_again() -> None:
+    s = Scheduler("slo", CLASSES, BatchLimits(max_batch_size=8, max_wait_ms=10))
+    s.add_replica(Replica("e-0", "emb", "embedding"))
+    (wake,) = s.handle(Submit(emb("a", 0.0), 0.0))
+    assert isinstance(wake, WakeAt) and wake.time == pytest.approx(0.010)
+    # timers may fire a little early (uvloop: millisecond resolution): the batch is not due yet,
+    # so the same wake-up must be asked for again or the request would wait forever
+    early = s.handle(Tick(0.0095))
+    assert dispatched(early) == [] and [a.time for a in early if isinstance(a, WakeAt)] == [wake.time]
+    assert dispatched(s.handle(Tick(0.0101))) == [("e-0", ("a",))]
