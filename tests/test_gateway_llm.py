@@ -204,7 +204,7 @@ BAD_CHAT = [
     ({"model": LLM, "messages": MESSAGES, "max_tokens": "ten"}, "max_tokens", "integer"),
     ({"model": LLM, "messages": MESSAGES, "temperature": 3}, "temperature", "between 0.0 and 2.0"),
     ({"model": LLM, "messages": MESSAGES, "top_p": -1}, "top_p", "between"),
-    ({"model": LLM, "messages": MESSAGES, "n": 3}, "n", "between 1 and 1"),
+    ({"model": LLM, "messages": MESSAGES, "n": 3}, "n", "n must be 1"),
     ({"model": LLM, "messages": MESSAGES, "stream": "yes"}, "stream", "boolean"),
     ({"model": LLM, "messages": MESSAGES, "stop": [1]}, "stop", "list of up to 4"),
     ({"model": LLM, "messages": MESSAGES, "seed": 1.5}, "seed", "integer"),

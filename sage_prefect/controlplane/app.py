@@ -409,8 +409,10 @@ def _generation_request(
         if not isinstance(prompt, str) or not prompt:
             raise APIError(400, "'prompt' must be a non-empty string", param="prompt")
     n = body.get("n", 1)
-    if isinstance(n, bool) or not isinstance(n, int) or not (1 <= n <= config.limits.max_n):
-        raise APIError(400, f"n must be an integer between 1 and {config.limits.max_n}, got {n!r}", param="n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise APIError(
+            400, f"n must be 1 (one choice per request; send n requests for n answers), got {n!r}", param="n"
+        )
     field = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
     max_tokens = body.get(field, 16 if not chat else 256)
     if max_tokens is None:

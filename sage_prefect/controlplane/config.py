@@ -3,7 +3,7 @@
 ```yaml
 host: 127.0.0.1
 port: 8100
-policy: hybrid                 # fifo | priority | slo | hybrid
+policy: hybrid                 # fifo | priority | slo | hybrid (see scheduler.py)
 default_class: interactive
 classes:                       # objectives in ms; queue bounds for admission control
   interactive: {ttft_ms: 1000, tpot_ms: 200, e2e_ms: 10000, max_queue: 256}
@@ -18,6 +18,13 @@ api_keys_file: /etc/sage/keys.txt   # or SAGE_CONTROLPLANE_API_KEYS="key1,key2"
 keys:                          # per-key defaults and limits, by key name (see auth.py)
   pipelines: {default_class: batch, rate_limit_rps: 200}
 ```
+
+Under ``policy: hybrid``, a sentence-transformers model on a CPU device that a local
+``transformers`` LLM also uses gets ``params.background: true`` unless it sets it: its encoding
+threads run at low OS priority, so the LLM's prefill and decode preempt them (set
+``background: false`` to opt out). On CPU, run one torch thread per replica
+(``OMP_NUM_THREADS=1``) with as many embedding replicas as cores: two-thread torch teams stall
+at every barrier as soon as another thread (the HTTP server, an LLM, a client) wants a core.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sage_prefect.common.yamlfile import read_yaml
-from sage_prefect.controlplane.scheduler import POLICIES, BatchLimits, SLOClass
+from sage_prefect.controlplane.scheduler import POLICIES, BatchLimits, SLOClass, is_cpu
 
 ENGINES = ("sentence-transformers", "transformers", "openai")
 
@@ -85,7 +92,6 @@ class LimitsConfig(_Strict):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_inputs: int = Field(2048, ge=1)  # embedding inputs per request
     max_tokens: int = Field(4096, ge=1)  # completion tokens per request
-    max_n: int = Field(1, ge=1)  # choices per request
 
 
 def _default_models() -> list[ModelConfig]:
@@ -131,6 +137,13 @@ class ControlPlaneConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        if self.policy == "hybrid":
+            # hybrid on a CPU that a local LLM shares: embeddings compute at background priority,
+            # so the LLM's threads preempt them (engines/sentence_transformers.py explains why)
+            llm_devices = {m.device for m in self.models if m.kind == "llm" and m.engine == "transformers"}
+            for m in self.models:
+                if m.engine == "sentence-transformers" and m.device in llm_devices and is_cpu(m.device):
+                    m.params.setdefault("background", True)
         return self
 
     def slo_classes(self) -> dict[str, SLOClass]:
