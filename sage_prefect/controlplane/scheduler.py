@@ -12,10 +12,16 @@ Policies decide the order of waiting requests:
 * ``slo``       earliest deadline first; the deadline is arrival + the class's TTFT
                 objective for LLM requests, + its end-to-end objective for embeddings.
 * ``hybrid``    ``slo`` order, plus co-scheduling of LLM and embedding work that share a
-                device: while interactive LLM requests wait for a slot on a device no new
-                embedding batch starts there, and while they run, embedding batches are cut
-                to what fits in the class's TPOT budget at the measured embedding speed, so
-                decode steps are never stuck behind a long batch.
+                device: while an interactive LLM request there is in prefill (dispatched,
+                no first token yet) no new embedding batch starts on that device, and on an
+                accelerator, while such requests decode, embedding batches are cut to what
+                fits in half the class's TPOT budget at the measured embedding speed, so
+                decode steps are never stuck behind a long batch. On the CPU the OS
+                time-slices the engines' threads instead of running one kernel at a time, so
+                a batch never holds a decode step back and cutting it only costs throughput:
+                there the LLM goes first by OS priority instead (the embedding engine computes
+                at background priority under ``hybrid``; see ``config.py``) and batches keep
+                their full size.
 
 Embedding requests from many clients are coalesced into batches bounded by
 ``max_batch_size`` inputs and ``max_batch_tokens`` tokens; a batch that is not full waits
@@ -37,6 +43,12 @@ from typing import Literal
 
 Kind = Literal["llm", "embedding"]
 POLICIES = ("fifo", "priority", "slo", "hybrid")
+
+
+def is_cpu(device: str | None) -> bool:
+    """Whether a replica's ``device`` is the CPU (``cpu``, ``cpu:0``): there the OS time-slices
+    the engines' threads, so work on it runs side by side instead of one kernel at a time."""
+    return device is not None and device.split(":", 1)[0].strip().lower() == "cpu"
 
 
 @dataclass(frozen=True)
@@ -571,8 +583,8 @@ class Scheduler:
 
     def _token_cap(self, replica: Replica) -> int:
         cap = self.batching.max_batch_tokens
-        if self.policy != "hybrid" or replica.device is None:
-            return cap
+        if self.policy != "hybrid" or replica.device is None or is_cpu(replica.device):
+            return cap  # on CPU a running batch shares the cores with decode steps, not blocks them
         _, decoding, tpot = self._interactive_llm(replica.device)
         rate = self._rates[replica.id].value
         if decoding == 0 or tpot is None or rate is None:
