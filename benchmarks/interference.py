@@ -22,8 +22,9 @@ calibrated in a chat-alone run on a fresh gateway before the measured runs: ``--
 attainment against 2x and 3x the calibrated p50 is recorded too.
 
 Chat is not free: at 2 requests/s the gateway spends ~0.16 cores and the chat client ~0.03 on
-it, about 10% of this machine, so no policy can keep more than ~90% of the embedding throughput;
-at 4/s it is ~20% and the 80% goal is out of reach for any policy (``--chat-rate 4`` shows it).
+it, about 10% of this machine, so no policy can keep much more than ~90% of the embedding
+throughput; at 4/s it is ~0.35 cores (~18%), and neither policy kept 80% there (measured with
+``--chat-rate 4 --duration 20``: hybrid 0.72 at 97.5% attainment, fifo 0.78 at 62.5%).
 
 Run:  .venv/bin/python benchmarks/interference.py [--duration 30] [--chat-rate 2] [--bulk-clients 16]
 Writes benchmarks/results/interference.json and prints one row per policy (about 5 minutes).
