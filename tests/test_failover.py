@@ -188,3 +188,46 @@ def test_a_replica_killed_mid_load_fails_over(
             time.sleep(0.5)
         else:
             pytest.fail(f"the replicas did not come back: {replicas}")
+
+
+def test_a_local_replica_taken_out_is_put_back_when_it_answers_again() -> None:
+    """Fault injection on the real engine (its first batch raises, as an out-of-memory error
+    would): the only replica is taken out, the request gets 503, and the health probe puts
+    the replica back so the next request is served."""
+    from sage_prefect.controlplane.config import ModelConfig, load_config
+    from sage_prefect.controlplane.engines.sentence_transformers import SentenceTransformerEngine
+    from sage_prefect.controlplane.service import ControlPlane, ServiceError
+
+    class FailsOnce(SentenceTransformerEngine):
+        failures = 1
+
+        def embed(self, texts: list[str]) -> list[list[float]]:
+            if self.failures:
+                self.failures -= 1
+                raise RuntimeError("injected fault: out of memory")
+            return super().embed(texts)
+
+    def factory(model: ModelConfig, index: int) -> FailsOnce:
+        return FailsOnce(EMBED, name=model.name)
+
+    config = load_config(models=[{"name": EMBED, "kind": "embedding", "engine": "sentence-transformers"}])
+
+    async def run() -> None:
+        plane = ControlPlane(config, engine_factory=factory)
+        await plane.start()
+        replica = plane.scheduler.replicas[f"{EMBED}#0"]
+        try:
+            with pytest.raises(ServiceError) as failed:
+                await plane.embed(EMBED, ["first"], [1], "interactive", 0)
+            assert failed.value.status == 503 and not replica.healthy
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                if replica.healthy:
+                    break
+            assert replica.healthy, "the probe did not put the replica back"
+            (vector,) = await plane.embed(EMBED, ["second"], [1], "interactive", 0)
+            assert len(vector) == 384
+        finally:
+            await plane.stop()
+
+    asyncio.run(run())

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sage_prefect.controlplane.config import ControlPlaneConfig, ModelConfig
@@ -381,6 +382,17 @@ class ControlPlane:
 
     # ---- replica health and load -----------------------------------------------------
 
+    @staticmethod
+    async def _local_probe(engine: EmbeddingEngine | LLMEngine) -> None:
+        """One tiny real request: a local engine whose batch failed (out of memory, a bad
+        input it choked on) is put back as soon as it answers again, not left out forever."""
+        if isinstance(engine, EmbeddingEngine):
+            await asyncio.to_thread(engine.embed, ["health check"])
+            return
+        request = GenerationRequest(id="health-probe", prompt="health check", max_tokens=1, temperature=0.0)
+        async for _ in engine.generate(request):
+            pass
+
     async def _watch_replicas(self, interval: float = 1.0) -> None:
         while True:
             await asyncio.sleep(interval)
@@ -389,7 +401,9 @@ class ControlPlane:
                 state = self.scheduler.replicas[replica_id]
                 probe = getattr(engine, "probe", None)
                 if probe is None:
-                    continue
+                    if state.healthy:
+                        continue
+                    probe = partial(self._local_probe, engine)  # a local engine taken out: try it
                 try:
                     depth = await probe()
                 except Exception:
