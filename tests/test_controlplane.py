@@ -212,7 +212,17 @@ def test_a_non_loopback_bind_without_keys_is_refused(monkeypatch: pytest.MonkeyP
     with pytest.raises(ServiceError, match="refusing to bind 0.0.0.0 without API keys"):
         create_app(load_config(host="0.0.0.0"))
     monkeypatch.setenv("SAGE_CONTROLPLANE_API_KEYS", "ops:abc")
-    assert create_app(load_config(host="0.0.0.0")) is not None  # keys given: it would serve (with 401s)
+    app = create_app(load_config(host="0.0.0.0"))  # keys given: it serves, with 401s (nothing binds here)
+
+    async def call(key: str | None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://cp") as c:
+            return await c.post("/v1/embeddings", json={"model": EMBED_MODEL, "input": "x"}, headers=headers)
+
+    for key in (None, "wrong"):
+        response = asyncio.run(call(key))
+        assert response.status_code == 401 and response.json()["error"]["type"], response.text
 
 
 def test_config_errors_name_file_line_and_field(tmp_path: Path) -> None:
