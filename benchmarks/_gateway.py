@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import statistics
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +18,7 @@ from typing import Any
 import httpx
 import yaml
 
+from sage_prefect.controlplane.metrics import sample_sum
 from sage_prefect.controlplane.server import Background, start_background
 
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
@@ -99,15 +98,7 @@ def gateway(
 def metric_sums(url: str, name: str) -> tuple[float, float]:
     """(sum, count) of a Prometheus histogram, summed over its label sets."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    total = count = 0.0
-    for line in text.splitlines():
-        match = re.match(rf"{name}_(sum|count)(?:\{{[^}}]*\}})? (\S+)", line)
-        if match:
-            if match.group(1) == "sum":
-                total += float(match.group(2))
-            else:
-                count += float(match.group(2))
-    return total, count
+    return sample_sum(text, f"{name}_sum") or 0.0, sample_sum(text, f"{name}_count") or 0.0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -122,12 +113,3 @@ def percentile(values: list[float], q: float) -> float:
     if len(values) == 1:
         return values[0]
     return statistics.quantiles(values, n=100, method="inclusive")[max(0, min(98, round(q) - 1))]
-
-
-def git_commit() -> str:
-    try:
-        cmd = ["git", "rev-parse", "--short", "HEAD"]
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"

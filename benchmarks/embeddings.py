@@ -45,11 +45,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from _common import git_commit  # noqa: E402
 from _gateway import (  # noqa: E402
     EMBEDDING_MODEL,
     cpu_seconds,
     gateway,
-    git_commit,
     make_texts,
     metric_sums,
     percentile,

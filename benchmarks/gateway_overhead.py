@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _common import git_commit
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LITELLM_VENV = HERE / ".venv-litellm"
@@ -417,14 +419,6 @@ def measure(target: Target, concurrency: int, client_kind: str, key: str) -> dic
 
 
 # ---- the run ---------------------------------------------------------------------------
-
-
-def git_commit() -> str:
-    try:
-        cmd = ["git", "rev-parse", "--short", "HEAD"]
-        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def gateway_config(path: Path, upstream: str) -> Path:

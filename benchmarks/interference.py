@@ -52,12 +52,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from _common import chat_messages, git_commit  # noqa: E402
 from _gateway import (  # noqa: E402
     EMBEDDING_MODEL,
     LLM_MODEL,
     cpu_seconds,
     gateway,
-    git_commit,
     make_texts,
     metric_sums,
     percentile,
@@ -66,16 +66,6 @@ from _gateway import (  # noqa: E402
 GOAL_ATTAINMENT = 0.95
 GOAL_THROUGHPUT = 0.80
 POLICIES = ("fifo", "hybrid")
-TOPICS = (
-    "the history of the river",
-    "how a scheduler picks the next task",
-    "why the sky is blue",
-    "sorting a list in Python",
-    "the weather station on the mountain",
-    "a short poem about autumn",
-    "continuous batching",
-    "the night train to the coast",
-)
 
 
 def gateway_config(policy: str, ttft_ms: float, tpot_ms: float, embedding_replicas: int) -> dict[str, Any]:
@@ -188,10 +178,7 @@ async def chat_load(base_url: str, rate: float, duration: float, max_tokens: int
     results: list[dict[str, Any]] = []
 
     async def one(i: int) -> None:
-        messages = [
-            {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
-            {"role": "user", "content": f"Question {i}: tell me about {TOPICS[i % len(TOPICS)]}."},
-        ]
+        messages = chat_messages(i)
         start = time.perf_counter()
         first: float | None = None
         stamps: list[float] = []

@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,35 +31,12 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from _common import chat_messages, git_commit  # noqa: E402
+
 from sage_prefect.controlplane.engines.base import GenerationRequest  # noqa: E402
 from sage_prefect.controlplane.engines.local_llm import TransformersLLMEngine  # noqa: E402
 
 GOAL = 4.0
-TOPICS = [
-    "the history of the river",
-    "how a scheduler picks the next task",
-    "why the sky is blue",
-    "sorting a list in Python",
-    "the weather station on the mountain",
-    "a short poem about autumn",
-    "continuous batching",
-    "the night train to the coast",
-]
-
-
-def git_commit() -> str:
-    try:
-        cmd = ["git", "rev-parse", "--short", "HEAD"]
-        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def chat_messages(i: int) -> list[dict[str, Any]]:
-    return [
-        {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
-        {"role": "user", "content": f"Question {i}: tell me about {TOPICS[i % len(TOPICS)]}."},
-    ]
 
 
 async def run_one(engine: TransformersLLMEngine, i: int, prompt: str, max_tokens: int) -> dict[str, Any]:

@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,8 @@ from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+from _common import git_commit  # noqa: E402
 
 TOKEN = re.compile(r"\w+")
 ROUNDS = 1  # set by calibrate(); shipped to workers inside the operator config
@@ -138,14 +139,6 @@ def run_per_task(records: list[dict[str, Any]], rounds: int) -> float:
     start = time.perf_counter()
     assert per_record(records) == len(records)
     return time.perf_counter() - start
-
-
-def git_commit() -> str:
-    try:
-        cmd = ["git", "rev-parse", "--short", "HEAD"]
-        return subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def main() -> None:

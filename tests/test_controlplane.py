@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
+from sage_prefect.controlplane.metrics import sample_sum
 from sage_prefect.controlplane.server import Background, start_background
 
 pytestmark = pytest.mark.timeout(300)
@@ -87,7 +87,24 @@ def test_base64_encoding(server: Background, direct: object) -> None:
 
 
 def _metric(text: str, name: str) -> float:
-    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
+    return sample_sum(text, name) or 0.0
+
+
+def test_vllm_queue_depth_is_read_from_its_metrics_page() -> None:
+    from sage_prefect.controlplane.engines.openai_upstream import parse_vllm_waiting
+
+    page = (
+        "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
+        "# TYPE vllm:num_requests_waiting gauge\n"
+        'vllm:num_requests_waiting{engine="0",model_name="m"} 3.0\n'
+        'vllm:num_requests_waiting{engine="1",model_name="m"} 4.0\n'
+        "# TYPE vllm:num_requests_running gauge\n"
+        'vllm:num_requests_running{engine="0",model_name="m"} 9.0\n'
+    )
+    assert parse_vllm_waiting(page) == 7
+    assert parse_vllm_waiting("# TYPE other gauge\nother 1.0\n") is None  # not vLLM: no queue depth
+    assert sample_sum(page, "vllm:num_requests_running", engine="0") == 9.0
+    assert sample_sum(page, "vllm:num_requests_waiting", engine="1") == 4.0
 
 
 def test_concurrent_requests_are_coalesced_into_batches(server: Background) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import struct
 from collections.abc import AsyncIterator
 from typing import Any
@@ -40,14 +39,13 @@ from sage_prefect.controlplane.engines.base import (
     TokenEvent,
     UpstreamError,
 )
-
-_WAITING = re.compile(r"^vllm:num_requests_waiting(?:\{[^}]*\})?\s+([0-9.eE+-]+)\s*$", re.M)
+from sage_prefect.controlplane.metrics import sample_sum
 
 
 def parse_vllm_waiting(text: str) -> int | None:
     """Sum of ``vllm:num_requests_waiting`` samples in a Prometheus text page (None if absent)."""
-    values = [float(v) for v in _WAITING.findall(text)]
-    return int(sum(values)) if values else None
+    waiting = sample_sum(text, "vllm:num_requests_waiting")
+    return None if waiting is None else int(waiting)
 
 
 def _status_error(status: int, content: bytes) -> Exception:
