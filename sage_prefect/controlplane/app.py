@@ -268,7 +268,7 @@ def create_app(config: ControlPlaneConfig, plane: ControlPlane | None = None) ->
         prefix = "chatcmpl-" if chat else "cmpl-"
         rid = prefix + os.urandom(12).hex()
         greq.id = rid
-        events = plane.generate(name, greq, who.slo, buffered=not stream)
+        events = plane.generate(name, greq, who.slo)
         if not stream:
             text, finish, usage = "", "stop", {"prompt_tokens": 0, "completion_tokens": 0}
 

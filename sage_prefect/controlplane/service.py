@@ -217,17 +217,16 @@ class ControlPlane:
         self.metrics.observe_e2e(model, slo, time.perf_counter() - started)
         return vectors
 
-    async def generate(
-        self, model: str, request: GenerationRequest, slo: str, *, buffered: bool = False
-    ) -> AsyncIterator[TokenEvent]:
+    async def generate(self, model: str, request: GenerationRequest, slo: str) -> AsyncIterator[TokenEvent]:
         """Stream one completion; retried on another replica if its replica fails.
 
-        A streamed answer is retried only while the client has seen nothing of it. With
-        ``buffered`` (a non-streaming request) the events are held back until the answer is
-        complete, so a replica that fails part-way is retried elsewhere from the start.
+        A streamed answer is retried only while the client has seen nothing of it. For a
+        non-streaming request (``request.stream`` false) the events are held back until the
+        answer is complete, so a replica that fails part-way is retried elsewhere from the start.
         """
         loop = self._running_loop()
         rid = request.id
+        buffered = not request.stream
         sched_req = Request(
             rid,
             model,
