@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -86,16 +87,21 @@ class Metrics:
     def replica_failed(self, replica: str) -> None:
         self.replica_failures.labels(replica).inc()
 
-    def set_replica_up(self, replica: str, up: bool) -> None:
-        self.replica_up.labels(replica).set(1 if up else 0)
-
-    def set_queue_depths(self, scheduler: Any) -> None:
+    def watch(self, scheduler: Any) -> None:
+        """Queue depths and replica health are read from ``scheduler`` when ``/metrics`` is
+        scraped (on the event loop, like every scheduler call), not recomputed on every event."""
         for model in {r.model for r in scheduler.replicas.values()}:
             for slo in scheduler.classes:
-                self.queue_depth.labels(model, slo).set(scheduler.queue_depth(model, slo))
+                self.queue_depth.labels(model, slo).set_function(partial(scheduler.queue_depth, model, slo))
+        for replica in scheduler.replicas.values():
+            self.replica_up.labels(replica.id).set_function(partial(_healthy, replica))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _healthy(replica: Any) -> float:
+    return 1.0 if replica.healthy else 0.0
 
 
 def sample_sum(text: str, name: str, **labels: str) -> float | None:

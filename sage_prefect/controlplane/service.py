@@ -137,8 +137,8 @@ class ControlPlane:
                 self.scheduler.add_replica(
                     Replica(replica_id, model.name, model.kind, slots=slots, device=model.device)
                 )
-                self.metrics.set_replica_up(replica_id, True)
                 logger.info("replica %s ready (%s, %s)", replica_id, model.engine, model.device)
+        self.metrics.watch(self.scheduler)
         self._monitor = asyncio.create_task(self._watch_replicas())
         self.started = True
 
@@ -310,10 +310,6 @@ class ControlPlane:
     def _feed(self, event: Event) -> None:
         for action in self.scheduler.handle(event):
             self._act(action)
-        self.metrics.set_queue_depths(self.scheduler)
-        if isinstance(event, ReplicaDown | ReplicaUp) or (isinstance(event, Done) and event.failed):
-            for replica in self.scheduler.replicas.values():
-                self.metrics.set_replica_up(replica.id, replica.healthy)
 
     def _act(self, action: Action) -> None:
         loop = self._running_loop()
