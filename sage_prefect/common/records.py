@@ -89,3 +89,44 @@ def _copy(table: pa.Table) -> pa.Table:
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
     return pa.ipc.open_stream(sink.getvalue()).read_all()
+
+
+def apply_function(kind: str, fn: Any, table: pa.Table, where: str) -> pa.Table:
+    """Apply a ``map``/``filter``/``flatmap`` function to a whole partition.
+
+    Prefers a vectorised ``execute_batch(table) -> table`` and falls back to ``execute``
+    per record. Used by the kernel for every stage and by operators run as plain tasks.
+
+    >>> class Double:
+    ...     def execute(self, r):
+    ...         return {"x": r["x"] * 2}
+    >>> apply_function("map", Double(), pa.table({"x": [1, 2]}), "doc").to_pydict()
+    {'x': [2, 4]}
+    """
+    batch = getattr(fn, "execute_batch", None)
+    if callable(batch) and kind != "sink":
+        out = batch(table)
+        if isinstance(out, pa.RecordBatch):
+            out = pa.Table.from_batches([out])
+        if not isinstance(out, pa.Table):
+            raise RecordError(
+                f"{where}: execute_batch returned {type(out).__name__}, expected a pyarrow.Table"
+            )
+        return out
+    records = table.to_pylist()
+    if kind == "map":
+        return records_to_table([fn.execute(r) for r in records], where)
+    if kind == "filter":
+        mask = [bool(fn.execute(r)) for r in records]
+        return table.filter(pa.array(mask, type=pa.bool_())) if records else table
+    if kind == "flatmap":
+        out_records: list[Any] = []
+        for i, r in enumerate(records):
+            produced = fn.execute(r)
+            if produced is None:
+                continue
+            if isinstance(produced, dict):
+                raise RecordError(f"{where}: record {i}: flatmap returned a dict; return a list of dicts")
+            out_records.extend(produced)
+        return records_to_table(out_records, where)
+    raise RecordError(f"{where}: cannot apply an operator of kind {kind!r} to a partition")

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -76,6 +76,23 @@ class SageSettings(BaseSettings):
         True, description="Local workers as processes (parallel Python) or threads in this process."
     )
     host: str = Field("127.0.0.1", description="Address local schedulers and workers listen on.")
+    controlplane_url: str | None = Field(
+        None,
+        description="Base URL of the control plane's OpenAI API (``http://host:port/v1``), or of any "
+        "OpenAI-compatible server. Unset: flows start an embedded control plane on 127.0.0.1.",
+    )
+    controlplane_api_key: SecretStr | None = Field(
+        None, description="API key sent to the control plane (``Authorization: Bearer``)."
+    )
+    embedding_model: str = Field(
+        "all-MiniLM-L6-v2", min_length=1, description="Default embedding model name at the control plane."
+    )
+    llm_model: str = Field(
+        "sage-tiny-random-lm",
+        min_length=1,
+        description="Default chat model name at the control plane (the embedded default is a "
+        "random-weight model: real compute, meaningless text).",
+    )
     allow_cpu_fallback: bool | None = Field(
         None,
         description="Run an operator whose resource label no worker carries without the label, "

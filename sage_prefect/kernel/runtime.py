@@ -18,9 +18,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from sage_prefect.common.errors import OperatorError, RecordError, SageError
+from sage_prefect.common.errors import OperatorError, SageError
 from sage_prefect.common.functions import BaseFunction
-from sage_prefect.common.records import aligned, check_record, concat, records_to_table
+from sage_prefect.common.records import aligned, apply_function, check_record, concat
 from sage_prefect.data import StageHandle, maybe_spill, resolve
 from sage_prefect.kernel import tag_limits
 from sage_prefect.kernel.plan import OperatorSpec
@@ -111,36 +111,10 @@ def release_run(run_id: str) -> None:
 
 def apply(kind: str, fn: Any, table: pa.Table, where: str) -> pa.Table:
     """Apply one operator to a partition; prefers a vectorised ``execute_batch``."""
-    batch = getattr(fn, "execute_batch", None)
-    if callable(batch) and kind != "sink":
-        out = batch(table)
-        if isinstance(out, pa.RecordBatch):
-            out = pa.Table.from_batches([out])
-        if not isinstance(out, pa.Table):
-            raise RecordError(
-                f"{where}: execute_batch returned {type(out).__name__}, expected a pyarrow.Table"
-            )
-        return out
-    records = table.to_pylist()
-    if kind == "map":
-        return records_to_table([fn.execute(r) for r in records], where)
-    if kind == "filter":
-        mask = [bool(fn.execute(r)) for r in records]
-        return table.filter(pa.array(mask, type=pa.bool_())) if records else table
-    if kind == "flatmap":
-        out_records: list[Any] = []
-        for i, r in enumerate(records):
-            produced = fn.execute(r)
-            if produced is None:
-                continue
-            if isinstance(produced, dict):
-                raise RecordError(f"{where}: record {i}: flatmap returned a dict; return a list of dicts")
-            out_records.extend(produced)
-        return records_to_table(out_records, where)
-    if kind == "keyby":
-        hashes = [stable_hash(fn.execute(r)) for r in records]
+    if kind == "keyby" and not callable(getattr(fn, "execute_batch", None)):
+        hashes = [stable_hash(fn.execute(r)) for r in table.to_pylist()]
         return table.append_column(KEY_COLUMN, pa.array(hashes, type=pa.uint64()))
-    raise SageError(f"{where}: cannot apply an operator of kind {kind!r}")
+    return apply_function(kind, fn, table, where)
 
 
 def stable_hash(key: Any) -> int:
