@@ -65,3 +65,21 @@ def sage_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "home"
     monkeypatch.setenv("SAGE_HOME", str(home))
     return home
+
+
+@pytest.fixture(scope="session")
+def controlplane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The real control plane on its embedded defaults (MiniLM + the tiny random-weight LM), in a
+    subprocess on 127.0.0.1, shared by the operator and flow tests; yields its ``.../v1`` base URL."""
+    from sage_prefect.controlplane.server import start_background
+
+    log = tmp_path_factory.mktemp("controlplane") / "gateway.log"
+    with start_background(log=log) as bg:
+        yield bg.base_url
+
+
+@pytest.fixture
+def controlplane_env(controlplane: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """`controlplane`, also set as ``SAGE_CONTROLPLANE_URL`` for code that reads settings."""
+    monkeypatch.setenv("SAGE_CONTROLPLANE_URL", controlplane)
+    return controlplane
