@@ -1,4 +1,4 @@
-"""The ``sage-prefect`` command: ``run``, ``cluster up``, ``doctor``."""
+"""The ``sage-prefect`` command: ``run``, ``flow run|list``, ``deploy``, ``cluster up``, ``controlplane serve``, ``doctor``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sage_prefect.cli.flows import deploy, flow_app
 from sage_prefect.common.errors import SageError
 
 app = typer.Typer(
@@ -23,6 +24,8 @@ controlplane_app = typer.Typer(
     help="The OpenAI-compatible control plane for LLM and embedding traffic.", no_args_is_help=True
 )
 app.add_typer(controlplane_app, name="controlplane")
+app.add_typer(flow_app, name="flow")
+app.command()(deploy)
 console = Console()
 err = Console(stderr=True)
 

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +97,39 @@ def start_background(
         time.sleep(0.2)
     bg.stop()
     raise TimeoutError(f"the control plane did not answer /health within {startup_timeout} s; log: {log}")
+
+
+@contextmanager
+def connect_or_start(
+    url: str | None = None, *, config_path: str | Path | None = None, log: Path | None = None
+) -> Iterator[str]:
+    """Yield the ``.../v1`` base URL of a control plane for the duration of the block.
+
+    ``url``, else ``SAGE_CONTROLPLANE_URL`` (settings), names a running one (nothing is
+    started or stopped); otherwise an embedded control plane is started on 127.0.0.1 for
+    the block and stopped after it. While the block runs, ``SAGE_CONTROLPLANE_URL`` is set
+    in this process, so code that reads settings (operators, subprocesses) finds it.
+    """
+    from sage_prefect.common.settings import load_settings
+
+    url = url or load_settings().controlplane_url
+    if url:
+        yield url.rstrip("/")
+        return
+    if log is None:
+        log_dir = load_settings().log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log = log_dir / "controlplane-embedded.log"
+    previous = os.environ.get("SAGE_CONTROLPLANE_URL")
+    with start_background(config_path, log=log) as bg:
+        os.environ["SAGE_CONTROLPLANE_URL"] = bg.base_url
+        try:
+            yield bg.base_url
+        finally:
+            if previous is None:
+                os.environ.pop("SAGE_CONTROLPLANE_URL", None)
+            else:
+                os.environ["SAGE_CONTROLPLANE_URL"] = previous
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,13 @@
 """L3 kernel: environments, DataStream (the SAGE API), the logical plan and its compiler to Prefect."""
 
 from sage_prefect.kernel.datastream import DataStream
-from sage_prefect.kernel.environment import BaseEnvironment, DaskEnvironment, LocalEnvironment, PipelineResult
+from sage_prefect.kernel.environment import (
+    BaseEnvironment,
+    DaskEnvironment,
+    LocalEnvironment,
+    PipelineResult,
+    environment_from_settings,
+)
 from sage_prefect.kernel.plan import OperatorSpec, Plan, SourceSpec
 
 __all__ = [
@@ -13,4 +19,5 @@ __all__ = [
     "PipelineResult",
     "Plan",
     "SourceSpec",
+    "environment_from_settings",
 ]

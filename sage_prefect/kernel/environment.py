@@ -318,3 +318,19 @@ def _positive(value: Any, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise PipelineDefinitionError(f"{name} must be a positive integer, got {value!r}", field=name)
     return value
+
+
+def environment_from_settings(
+    name: str, settings: SageSettings | None = None, **kwargs: Any
+) -> BaseEnvironment:
+    """A `DaskEnvironment` on ``SAGE_DASK_ADDRESS`` when it is set, else a `LocalEnvironment`.
+
+    What flows and deployments use, so a job variable decides where a run computes.
+
+    >>> environment_from_settings("doc", SageSettings(dask_address=None)).__class__.__name__
+    'LocalEnvironment'
+    """
+    settings = settings or load_settings()
+    if settings.dask_address:
+        return DaskEnvironment(name, settings=settings, address=settings.dask_address, **kwargs)
+    return LocalEnvironment(name, settings=settings, **kwargs)
