@@ -55,6 +55,7 @@ __all__ = [
     "PartitionSink",
     "PrintSink",
     "SinkError",
+    "lance_lock",
     "partition_file_name",
 ]
 
@@ -362,6 +363,25 @@ def _partition_lock(uri: str, table: str, key: str) -> contextlib.AbstractContex
 
 def _creation_lock(uri: str, table: str) -> contextlib.AbstractContextManager[None]:
     return _file_lock(uri, _lock_path(uri, table, "create"))
+
+
+def lance_lock(uri: str, table: str, what: str) -> contextlib.AbstractContextManager[None]:
+    """An exclusive lock named ``what`` on LanceDB table ``table`` under ``uri``.
+
+    The same ``flock`` files `LanceSink` uses (``<uri>/.sage-locks/<table>.<what>.lock``):
+    it serialises threads and processes on one machine (Dask workers included) and is a
+    no-op on object stores. ``uri`` is a local directory (``file://`` accepted) or an
+    object-store URI; ``what`` names the lock (``[A-Za-z0-9_.-]``, e.g. ``"create"``).
+
+    >>> import tempfile
+    >>> with lance_lock(tempfile.mkdtemp(), "docs", "write"):
+    ...     pass
+    """
+    if not _LANCE_NAME.match(what):
+        raise ValueError(f"lance_lock: lock name {what!r} may contain only letters, digits, '_', '-' and '.'")
+    if not is_remote(uri):
+        uri = str(Path(local_path(uri)).expanduser().resolve())
+    return _file_lock(uri, _lock_path(uri, table, what))
 
 
 @contextlib.contextmanager

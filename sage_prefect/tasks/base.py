@@ -79,6 +79,8 @@ class Operator(BaseFunction):
     """
 
     Config: ClassVar[type[OperatorConfig]] = OperatorConfig
+    cfg: Any
+    """The validated ``Config`` instance (typed ``Any`` here: each operator has its own model)."""
 
     def __init__(self, config: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
