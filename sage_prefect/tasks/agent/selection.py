@@ -1,0 +1,454 @@
+"""Tool selection: rank a tool set for each query and keep the ``top_k`` best.
+
+`ToolSelector` methods:
+
+- ``"keyword"``: BM25 (Okapi, ``k1=1.5``, ``b=0.75``) over each tool's name (camel case split,
+  plus the whole name) and description; lower-cased alphanumeric tokens, English stop words
+  dropped, a light plural/-ing stemmer. Needs no model.
+- ``"embedding"``: cosine similarity between the query and ``"name: description"`` of each
+  tool, embedded through the control plane (``/v1/embeddings`` with the openai SDK). With
+  ``exemplars_path`` (a ``*_dev`` MetaTool selection CSV) the selector is fitted on example
+  queries per tool: ``exemplar_mode="centroid"`` mixes the similarity to the mean exemplar
+  embedding of each tool in with weight ``exemplar_weight``; ``"knn"`` mixes in a vote of the
+  ``knn_k`` nearest exemplar queries (similarity-weighted, per tool).
+- ``"hybrid"``: reciprocal-rank fusion ``sum 1/(rrf_k + rank)`` of keyword and embedding ranks.
+- ``"llm"``: ask the chat model to choose among the hybrid top ``shortlist`` tools and parse
+  tool names from its reply (best first). A reply naming no shortlisted tool falls back to
+  the shortlist order; ``selection_source`` says which happened (``"llm"`` or ``"fallback"``).
+
+Adds ``selected_tools`` (names, best first), ``selection_scores`` (the method's scores, same
+order) and ``selection_source`` (the method, or ``"fallback"``). Tool embeddings and the fit
+are computed once in ``setup()``; the query embeddings of a partition go in one request.
+
+>>> sel = ToolSelector({"method": "keyword", "top_k": 1, "tools": [
+...     {"name": "WeatherTool", "description": "Weather forecasts for any city."},
+...     {"name": "NewsTool", "description": "Latest news headlines."}]})
+>>> sel.run({"query": "will it rain in Paris? weather please"})["selected_tools"]
+['WeatherTool']
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Literal
+
+import pyarrow as pa
+from pydantic import Field
+
+from sage_prefect.common.errors import ConfigError, RecordError
+from sage_prefect.common.functions import MapFunction
+from sage_prefect.tasks.agent.data import holdout_split, load_selection, require_dev_file
+from sage_prefect.tasks.agent.registry import Tool, tools_from_metatool
+from sage_prefect.tasks.base import Operator
+from sage_prefect.tasks.client import EndpointConfig
+
+if TYPE_CHECKING:
+    import numpy as np
+    from openai import OpenAI
+
+__all__ = ["BM25", "ToolSelector", "embed_texts", "parse_tool_names", "tokenize"]
+
+_STOP_WORDS = """a about above after again all also am an and any are as at be been before being below between
+    both but by can could did do does doing down during each few for from further get had has have
+    having he her here hers him his how i if in into is it its itself just let me more most my myself
+    need no nor not now of off on once only or other our ours out over own please same she should so
+    some such than that the their theirs them then there these they this those through to too under
+    until up very want was we were what when where which while who whom why will with would you your
+    yours yourself"""
+_STOP = frozenset(_STOP_WORDS.split())
+_WORD = re.compile(r"[a-z0-9]+")
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+def _stem(token: str) -> str:
+    if len(token) > 4 and token.endswith("ies"):
+        return token[:-3] + "y"
+    if len(token) > 4 and token.endswith("ie"):  # calorie/calories, movie/movies agree
+        return token[:-2] + "y"
+    if len(token) > 5 and token.endswith("ing"):
+        return token[:-3]
+    if len(token) > 3 and token.endswith("s") and not token.endswith(("ss", "us", "is")):
+        return token[:-1]
+    return token
+
+
+def tokenize(text: str) -> list[str]:
+    """BM25 tokens: camel case split, lower case, alphanumeric runs, stop words out, light stemming.
+
+    >>> tokenize("CompanyInfoTool finds the companies' stock prices")
+    ['company', 'info', 'tool', 'find', 'company', 'stock', 'price']
+    """
+    words = _WORD.findall(_CAMEL.sub(" ", text).lower())
+    return [_stem(w) for w in words if w not in _STOP]
+
+
+class BM25:
+    """Okapi BM25 over a small fixed corpus, scored with numpy.
+
+    >>> bm = BM25([["weather", "rain"], ["news", "headline"]])
+    >>> [round(float(s), 3) for s in bm.scores(["rain"])]
+    [0.693, 0.0]
+    """
+
+    def __init__(self, docs: list[list[str]], k1: float = 1.5, b: float = 0.75) -> None:
+        import numpy as np
+
+        self.k1, self.b = k1, b
+        self.vocab: dict[str, int] = {}
+        for doc in docs:
+            for tok in doc:
+                self.vocab.setdefault(tok, len(self.vocab))
+        n_docs = len(docs)
+        tf = np.zeros((len(self.vocab), n_docs), dtype=np.float64)
+        for j, doc in enumerate(docs):
+            for tok in doc:
+                tf[self.vocab[tok], j] += 1.0
+        lengths = tf.sum(axis=0)
+        avgdl = float(lengths.mean()) if n_docs and lengths.mean() > 0 else 1.0
+        df = (tf > 0).sum(axis=1)
+        self.idf = np.log(1.0 + (n_docs - df + 0.5) / (df + 0.5))
+        norm = k1 * (1.0 - b + b * lengths / avgdl)
+        self.weights = self.idf[:, None] * tf * (k1 + 1.0) / (tf + norm[None, :])
+        self.n_docs = n_docs
+
+    def scores(self, query: list[str]) -> np.ndarray:
+        """BM25 score of every document for ``query`` tokens (each distinct term counted once)."""
+        import numpy as np
+
+        rows = sorted({self.vocab[t] for t in query if t in self.vocab})
+        if not rows:
+            return np.zeros(self.n_docs)
+        return self.weights[rows].sum(axis=0)
+
+
+def embed_texts(
+    api: OpenAI, model: str, texts: list[str], max_chars: int = 1000, chunk: int = 1024
+) -> np.ndarray:
+    """L2-normalised embeddings of ``texts`` (float32, one row each) from an OpenAI-compatible
+    ``/embeddings`` endpoint; texts are cut to ``max_chars`` characters (the embedding model's
+    input limit) and empty texts sent as ``"."``; at most ``chunk`` inputs per request."""
+    import numpy as np
+
+    cleaned = [(t or "").strip()[:max_chars] or "." for t in texts]
+    rows: list[list[float]] = []
+    for start in range(0, len(cleaned), chunk):
+        resp = api.embeddings.create(model=model, input=cleaned[start : start + chunk])
+        rows.extend(d.embedding for d in sorted(resp.data, key=lambda d: d.index))
+    if not rows:
+        return np.zeros((0, 0), dtype=np.float32)
+    vecs = np.asarray(rows, dtype=np.float32)
+    norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+    return vecs / np.maximum(norms, 1e-12)
+
+
+def parse_tool_names(reply: str, names: list[str]) -> list[str]:
+    """Tool names from ``names`` that occur in ``reply`` (case-insensitive, whole words), in the
+    order of their first occurrence.
+
+    >>> parse_tool_names("Use NewsTool, then weathertool.", ["WeatherTool", "NewsTool", "MapTool"])
+    ['NewsTool', 'WeatherTool']
+    """
+    found: list[tuple[int, str]] = []
+    low = reply.lower()
+    for name in names:
+        m = re.search(r"(?<![\w.])" + re.escape(name.lower()) + r"(?![\w])", low)
+        if m:
+            found.append((m.start(), name))
+    return [name for _, name in sorted(found)]
+
+
+def load_tool_specs(tools: list[dict[str, Any]] | None, tools_path: str | None, operator: str) -> list[Tool]:
+    """Tools from an inline list or a tools.json path (exactly one of them), as `Tool` objects."""
+    if (tools is None) == (tools_path is None):
+        raise ConfigError(
+            f"{operator}: give exactly one of config keys 'tools' (a list of {{name, description}}) "
+            "and 'tools_path' (a tools.json file)",
+            operator=operator,
+            field="tools",
+        )
+    if tools_path is not None:
+        return tools_from_metatool(tools_path)
+    assert tools is not None
+    out: list[Tool] = []
+    seen: set[str] = set()
+    for i, spec in enumerate(tools):
+        try:
+            tool = Tool.from_dict(spec)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(
+                f"{operator}: config key 'tools': item {i}: {exc}", operator=operator, field="tools"
+            ) from None
+        if tool.name in seen:
+            raise ConfigError(
+                f"{operator}: config key 'tools': item {i}: tool {tool.name!r} appears twice",
+                operator=operator,
+                field="tools",
+            )
+        seen.add(tool.name)
+        out.append(tool)
+    if not out:
+        raise ConfigError(f"{operator}: config key 'tools' is empty", operator=operator, field="tools")
+    return out
+
+
+class ToolSelector(Operator, MapFunction):
+    """Rank tools for each record's query; add ``selected_tools``, ``selection_scores``, ``selection_source``."""
+
+    class Config(EndpointConfig):
+        method: Literal["keyword", "embedding", "hybrid", "llm"] = Field(
+            "embedding", description="keyword (BM25), embedding, hybrid (RRF of both) or llm"
+        )
+        tools: list[dict[str, Any]] | None = Field(None, description="Inline tools [{name, description}]")
+        tools_path: str | None = Field(None, description="A MetaTool tools.json (or tools_multi.json)")
+        query_field: str = "query"
+        top_k: int = Field(5, ge=1, description="Tools kept per query")
+        output_field: str = "selected_tools"
+        scores_field: str = "selection_scores"
+        source_field: str = "selection_source"
+        embedding_model: str | None = Field(None, description="Default: settings.embedding_model")
+        llm_model: str | None = Field(None, description="Default: settings.llm_model")
+        exemplars_path: str | None = Field(
+            None, description="A *_dev selection CSV (query,tool) to fit embedding scores on"
+        )
+        exemplar_mode: Literal["centroid", "knn"] = "centroid"
+        exemplar_weight: float = Field(0.7, ge=0.0, le=1.0, description="Weight of the exemplar score")
+        max_exemplars_per_tool: int | None = Field(None, ge=1)
+        holdout_fraction: float = Field(
+            0.0, ge=0.0, lt=1.0, description="Fraction of the exemplar file left out of the fit (fixed seed)"
+        )
+        seed: int = 0
+        knn_k: int = Field(10, ge=1)
+        rrf_k: int = Field(60, ge=1)
+        shortlist: int = Field(8, ge=1, description="Candidates the llm method chooses from")
+        max_tokens: int = Field(48, ge=1)
+        temperature: float = Field(0.0, ge=0.0)
+        max_chars: int = Field(1000, ge=16, description="Characters of a text sent to the embedding model")
+        concurrency: int = Field(8, ge=1, description="Parallel chat requests per partition (llm)")
+
+    def __init__(self, config: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        if self.cfg.tools is not None or self.cfg.tools_path is None:
+            # Inline tools are checked now (no file to read); a path is read in setup().
+            load_tool_specs(self.cfg.tools, self.cfg.tools_path, self.name)
+        if self.cfg.exemplars_path is not None:
+            require_dev_file(self.cfg.exemplars_path, self.name, "exemplars_path")
+
+    def _runtime_attributes(self) -> tuple[str, ...]:
+        return ("_api", "_tools", "_bm25", "_tool_vecs", "_centroids", "_has_ex", "_ex_vecs", "_ex_labels")
+
+    # -- setup ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Load the tools, build BM25, embed the tools and fit on exemplars (model methods only)."""
+        import numpy as np
+
+        from sage_prefect.common.settings import load_settings
+        from sage_prefect.tasks.client import client
+
+        cfg = self.cfg
+        self._tools = load_tool_specs(cfg.tools, cfg.tools_path, self.name)
+        self._bm25 = BM25([tokenize(f"{t.name} {t.name.lower()} {t.description}") for t in self._tools])
+        self._api: OpenAI | None = None
+        self._tool_vecs: np.ndarray | None = None
+        self._centroids: np.ndarray | None = None
+        self._ex_vecs: np.ndarray | None = None
+        self._ex_labels: np.ndarray | None = None
+        self._has_ex: np.ndarray | None = None
+        if cfg.method != "keyword":
+            settings = load_settings()
+            self._embedding_model = cfg.embedding_model or settings.embedding_model
+            self._llm_model = cfg.llm_model or settings.llm_model
+            self._api = client(cfg, self.name)
+            texts = [f"{' '.join(_CAMEL.sub(' ', t.name).split())}: {t.description}" for t in self._tools]
+            self._tool_vecs = self._embed(texts)
+            if cfg.exemplars_path is not None:
+                self._fit(np)
+        self._ready = True
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        assert self._api is not None
+        return embed_texts(self._api, self._embedding_model, texts, self.cfg.max_chars)
+
+    def _fit(self, np: Any) -> None:
+        cfg = self.cfg
+        assert cfg.exemplars_path is not None
+        path = require_dev_file(cfg.exemplars_path, self.name, "exemplars_path")
+        index = {t.name: i for i, t in enumerate(self._tools)}
+        rows, _held_out = holdout_split(load_selection(path), cfg.holdout_fraction, cfg.seed)
+        per_tool: dict[int, int] = {}
+        queries: list[str] = []
+        labels: list[int] = []
+        for row in rows:
+            j = index.get(row["tool"])
+            if j is None:
+                continue  # exemplars of tools outside this tool set
+            if cfg.max_exemplars_per_tool is not None and per_tool.get(j, 0) >= cfg.max_exemplars_per_tool:
+                continue
+            per_tool[j] = per_tool.get(j, 0) + 1
+            queries.append(row["query"])
+            labels.append(j)
+        if not queries:
+            raise ConfigError(
+                f"{self.name}: config key 'exemplars_path': {path} has no queries for any of the "
+                f"{len(self._tools)} tools",
+                operator=self.name,
+                field="exemplars_path",
+            )
+        ex_vecs = self._embed(queries)
+        ex_labels = np.asarray(labels, dtype=np.int64)
+        sums = np.zeros((len(self._tools), ex_vecs.shape[1]), dtype=np.float32)
+        np.add.at(sums, ex_labels, ex_vecs)
+        self._ex_vecs, self._ex_labels = ex_vecs, ex_labels
+        norms = np.linalg.norm(sums, axis=1, keepdims=True)
+        self._centroids = sums / np.maximum(norms, 1e-12)
+        self._has_ex = norms[:, 0] > 0
+
+    # -- scoring -------------------------------------------------------------------------------
+    @property
+    def tools(self) -> list[Tool]:
+        """The tool set (after ``setup()``)."""
+        self.ensure_setup()
+        return list(self._tools)
+
+    def _keyword_scores(self, queries: list[str]) -> np.ndarray:
+        import numpy as np
+
+        return np.stack([self._bm25.scores(tokenize(q)) for q in queries]) if queries else np.zeros((0, 0))
+
+    def _embedding_scores(self, queries: list[str]) -> np.ndarray:
+        import numpy as np
+
+        qv = self._embed(queries)
+        assert self._tool_vecs is not None
+        scores = qv @ self._tool_vecs.T
+        if self._ex_vecs is None or self._ex_labels is None or self._has_ex is None:
+            return scores
+        w = self.cfg.exemplar_weight
+        if self.cfg.exemplar_mode == "centroid":
+            assert self._centroids is not None
+            ex = qv @ self._centroids.T
+        else:
+            sims = qv @ self._ex_vecs.T
+            k = min(self.cfg.knn_k, sims.shape[1])
+            top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            ex = np.zeros_like(scores)
+            for i in range(len(queries)):
+                np.add.at(ex[i], self._ex_labels[top[i]], np.maximum(sims[i, top[i]], 0.0))
+            ex /= k
+        mixed = np.where(self._has_ex[None, :], (1.0 - w) * scores + w * ex, scores)
+        return mixed.astype(np.float64)
+
+    def score(self, queries: list[str], method: str | None = None) -> np.ndarray:
+        """A ``(len(queries), n_tools)`` score matrix (higher is better) for ``method``
+        (default: the configured one; ``"llm"`` scores are the hybrid ones)."""
+        import numpy as np
+
+        self.ensure_setup()
+        method = method or self.cfg.method
+        if method == "keyword":
+            return self._keyword_scores(queries)
+        if self._api is None:
+            raise ConfigError(
+                f"{self.name}: method {method!r} needs the embedding model; configure method {method!r}",
+                operator=self.name,
+                field="method",
+            )
+        if method == "embedding":
+            return self._embedding_scores(queries)
+        kw, emb = self._keyword_scores(queries), self._embedding_scores(queries)
+        out = np.zeros_like(emb)
+        for mat in (kw, emb):
+            ranks = np.argsort(np.argsort(-mat, axis=1, kind="stable"), axis=1)
+            out += 1.0 / (self.cfg.rrf_k + ranks + 1.0)
+        return out
+
+    def rank(
+        self, queries: list[str], method: str | None = None, k: int | None = None
+    ) -> list[list[tuple[str, float]]]:
+        """For each query the ``k`` (default ``top_k``) best ``(tool name, score)``, best first."""
+        import numpy as np
+
+        scores = self.score(queries, method)
+        k = min(k or self.cfg.top_k, len(self._tools))
+        out = []
+        for row in scores:
+            order = np.argsort(-row, kind="stable")[:k]
+            out.append([(self._tools[j].name, float(row[j])) for j in order])
+        return out
+
+    # -- llm -------------------------------------------------------------------------------------
+    def _ask(self, query: str, shortlist: list[tuple[str, float]]) -> tuple[list[tuple[str, float]], str]:
+        assert self._api is not None
+        by_name = {t.name: t for t in self._tools}
+        listing = "\n".join(f"- {name}: {by_name[name].description}" for name, _ in shortlist)
+        messages = [
+            {
+                "role": "system",
+                "content": "You choose tools for a user request. Reply with the names of the tools that "
+                "fit the request, best first, one per line, using only names from the list.",
+            },
+            {
+                "role": "user",
+                "content": f"Tools:\n{listing}\n\nRequest: {query[: self.cfg.max_chars * 2]}\nTools:",
+            },
+        ]
+        resp = self._api.chat.completions.create(
+            model=self._llm_model,
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=self.cfg.max_tokens,
+            temperature=self.cfg.temperature,
+        )
+        reply = resp.choices[0].message.content or ""
+        picked = parse_tool_names(reply, [name for name, _ in shortlist])
+        if not picked:
+            return shortlist, "fallback"
+        scores = dict(shortlist)
+        rest = [(n, s) for n, s in shortlist if n not in picked]
+        return [(n, scores[n]) for n in picked] + rest, "llm"
+
+    def select(self, queries: list[str]) -> list[tuple[list[tuple[str, float]], str]]:
+        """For each query: the ``top_k`` ``(tool, score)`` pairs, best first, and the selection source."""
+        self.ensure_setup()
+        if self.cfg.method != "llm":
+            return [(r, self.cfg.method) for r in self.rank(queries)]
+        shortlists = self.rank(queries, "hybrid", max(self.cfg.shortlist, self.cfg.top_k))
+        with ThreadPoolExecutor(max_workers=min(self.cfg.concurrency, max(1, len(queries)))) as pool:
+            answers = list(pool.map(self._ask, queries, shortlists))
+        return [(ranked[: self.cfg.top_k], source) for ranked, source in answers]
+
+    # -- operator --------------------------------------------------------------------------------
+    def _queries(self, table: pa.Table) -> list[str]:
+        field = self.cfg.query_field
+        if field not in table.column_names:
+            raise RecordError(
+                f"operator {self.name!r}: records have no field {field!r} (config key 'query_field'; "
+                f"fields: {', '.join(table.column_names)})",
+                operator=self.name,
+                field=field,
+            )
+        return ["" if q is None else str(q) for q in table.column(field).to_pylist()]
+
+    def execute_batch(self, table: pa.Table) -> pa.Table:
+        """Select tools for every row of a partition (one embedding request for all queries)."""
+        self.ensure_setup()
+        results = self.select(self._queries(table)) if table.num_rows else []
+        cfg = self.cfg
+        columns = {
+            cfg.output_field: pa.array([[n for n, _ in r] for r, _ in results], type=pa.list_(pa.string())),
+            cfg.scores_field: pa.array(
+                [[s if math.isfinite(s) else 0.0 for _, s in r] for r, _ in results],
+                type=pa.list_(pa.float64()),
+            ),
+            cfg.source_field: pa.array([s for _, s in results], type=pa.string()),
+        }
+        for name, col in columns.items():
+            if name in table.column_names:
+                table = table.drop_columns([name])
+            table = table.append_column(name, col)
+        return table
+
+    def execute(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Select tools for one record."""
+        out = self.execute_batch(pa.Table.from_pylist([data]))
+        return out.to_pylist()[0]
