@@ -77,7 +77,7 @@ def list_flows() -> None:
         raise _fail(exc) from None
     table = Table("flow", "parameters", "description")
     for name in flow_names(root):
-        flow = load_flow_from_entrypoint(f"{root / 'flows' / name}.py:{name}")
+        flow: Any = load_flow_from_entrypoint(f"{root / 'flows' / name}.py:{name}")
         params = ", ".join(flow.parameters.properties)
         table.add_row(name, params, (flow.description or "").split("\n")[0])
     console.print(table)
@@ -88,7 +88,9 @@ def run_flows(
     names: Annotated[list[str], typer.Argument(help="Flows to run, in order (e.g. rag_index rag_qa).")],
     param: Annotated[
         list[str] | None,
-        typer.Option("--param", "-p", help="key=value parameter (JSON values), for every flow that takes it."),
+        typer.Option(
+            "--param", "-p", help="key=value parameter (JSON values), for every flow that takes it."
+        ),
     ] = None,
 ) -> None:
     """Run flows from flows/ in this process, in order, sharing one control plane.
@@ -107,11 +109,13 @@ def run_flows(
         if unknown:
             raise ConfigError(f"no flow {unknown[0]!r} in {root / 'flows'} (flows: {', '.join(known)})")
         params = parse_params(param or [])
-        flows = {n: load_flow_from_entrypoint(f"{root / 'flows' / n}.py:{n}") for n in names}
+        flows: dict[str, Any] = {n: load_flow_from_entrypoint(f"{root / 'flows' / n}.py:{n}") for n in names}
         declared = {k for f in flows.values() for k in f.parameters.properties}
         stray = sorted(set(params) - declared)
         if stray:
-            raise ConfigError(f"parameter {stray[0]!r} is not a parameter of {', '.join(names)}", field=stray[0])
+            raise ConfigError(
+                f"parameter {stray[0]!r} is not a parameter of {', '.join(names)}", field=stray[0]
+            )
         with connect_or_start() as base_url:
             console.print(f"control plane: {base_url}")
             for name, flow in flows.items():
@@ -138,7 +142,8 @@ def _print_summary(name: str, state: Any, summary: Any, seconds: float) -> None:
 
 def deploy(
     names: Annotated[
-        list[str] | None, typer.Argument(help="Deployment names to deploy (default: all of deployments/prefect.yaml).")
+        list[str] | None,
+        typer.Argument(help="Deployment names to deploy (default: all of deployments/prefect.yaml)."),
     ] = None,
     pool: Annotated[str, typer.Option(help="Process work pool to create when missing.")] = "sage-process",
     serve: Annotated[
@@ -164,11 +169,17 @@ def deploy(
         )
         if inspect.returncode != 0:
             console.print(f"creating process work pool {pool!r}")
-            _check(subprocess.run([*prefect, "work-pool", "create", pool, "--type", "process"], cwd=root, env=env))
+            _check(
+                subprocess.run(
+                    [*prefect, "work-pool", "create", pool, "--type", "process"], cwd=root, env=env
+                )
+            )
         targets = [arg for n in names for arg in ("--name", n)] if names else ["--all"]
         _check(
             subprocess.run(
-                [*prefect, "--no-prompt", "deploy", *targets, "--prefect-file", str(PREFECT_FILE)], cwd=root, env=env
+                [*prefect, "--no-prompt", "deploy", *targets, "--prefect-file", str(PREFECT_FILE)],
+                cwd=root,
+                env=env,
             )
         )
     except SageError as exc:
@@ -199,9 +210,9 @@ def _serve(root: Path, names: list[str]) -> None:
     if not specs:
         raise ConfigError(f"no deployment named {', '.join(names)} in {root / PREFECT_FILE}")
     os.chdir(root)
-    deployments = []
+    deployments: list[Any] = []
     for spec in specs:
-        flow = load_flow_from_entrypoint(str(root / spec["entrypoint"]))
+        flow: Any = load_flow_from_entrypoint(str(root / spec["entrypoint"]))
         crons = [s["cron"] for s in spec.get("schedules") or [] if "cron" in s]
         deployments.append(
             flow.to_deployment(

@@ -446,7 +446,7 @@ class TextDirectorySource(_FileSource):
 
     cfg: Config
 
-    def _files(self) -> list[tuple[str, Path]]:
+    def _documents(self) -> list[tuple[str, Path]]:
         root = self._existing(self.cfg.path, directory=True)
         found: dict[str, Path] = {}
         for pattern in self.cfg.patterns:
@@ -457,10 +457,10 @@ class TextDirectorySource(_FileSource):
 
     def document_ids(self) -> list[str]:
         """The ``doc_id`` of every file the source would read, sorted, without reading them."""
-        return [doc_id for doc_id, _ in self._files()]
+        return [doc_id for doc_id, _ in self._documents()]
 
     def _open(self) -> Iterator[list[Record]]:
-        return self._read(self._files())
+        return self._read(self._documents())
 
     def _read(self, files: list[tuple[str, Path]]) -> Iterator[list[Record]]:
         size = self.cfg.batch_size
