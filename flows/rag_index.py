@@ -26,7 +26,7 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from sage_prefect.common.settings import load_settings
+from sage_prefect.common.settings import command_line_defaults, load_settings
 from sage_prefect.controlplane.server import connect_or_start
 from sage_prefect.examples import DOCS_DIR
 from sage_prefect.kernel import environment_from_settings
@@ -95,6 +95,7 @@ def rag_index(
 
 
 def main(argv: list[str] | None = None) -> None:
+    command_line_defaults()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

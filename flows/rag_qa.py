@@ -27,7 +27,7 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 
 from sage_prefect.common.errors import ConfigError
-from sage_prefect.common.settings import load_settings
+from sage_prefect.common.settings import command_line_defaults, load_settings
 from sage_prefect.controlplane.server import connect_or_start
 from sage_prefect.examples import QUESTIONS_PATH
 from sage_prefect.kernel import environment_from_settings
@@ -150,6 +150,7 @@ def _gold_fields(path: Path) -> set[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    command_line_defaults()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -99,3 +99,55 @@ def test_cluster_up_serves_labelled_workers_until_interrupted(tmp_path: Path) ->
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
     assert proc.returncode == 0
+
+
+def test_flow_run_indexes_and_answers_then_says_where_to_look(
+    prefect_api: str, controlplane: str, tmp_path: Path
+) -> None:
+    """The README's first quickstart command (on the session's control plane instead of an embedded one)."""
+    env = _env(prefect_api, tmp_path / "home")
+    env.update(SAGE_CONTROLPLANE_URL=controlplane, SAGE_N_CPU_WORKERS="1")
+    result = subprocess.run(
+        [*CLI, "flow", "run", "rag_index", "rag_qa", "-p", "top_k=2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lance = tmp_path / "home" / "lancedb"
+    assert "Where to look" in result.stdout and str(lance) in result.stdout
+    assert "distributed.worker" not in result.stdout + result.stderr  # Dask's INFO logs stay quiet
+
+    import lancedb
+
+    answers = lancedb.connect(str(lance)).open_table("answers").to_arrow()
+    assert answers.num_rows == 16 and all(len(ids) == 2 for ids in answers["retrieved_ids"].to_pylist())
+
+
+def test_flow_run_names_a_parameter_no_flow_takes(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*CLI, "flow", "run", "rag_qa", "-p", "topk=2"],
+        cwd=ROOT,
+        env={**os.environ, "SAGE_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "parameter 'topk' is not a parameter of rag_qa" in result.stderr
+
+
+def test_flow_list_shows_the_three_flows(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*CLI, "flow", "list"],
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    for name in ("rag_index", "rag_qa", "agent_tools"):
+        assert name in result.stdout

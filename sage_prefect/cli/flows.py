@@ -100,7 +100,10 @@ def run_flows(
     """
     from prefect.flows import load_flow_from_entrypoint
 
+    from sage_prefect.common.settings import command_line_defaults
     from sage_prefect.controlplane.server import connect_or_start
+
+    command_line_defaults()
 
     try:
         root = project_root()
@@ -116,6 +119,7 @@ def run_flows(
             raise ConfigError(
                 f"parameter {stray[0]!r} is not a parameter of {', '.join(names)}", field=stray[0]
             )
+        runs: list[tuple[str, str, dict[str, Any]]] = []
         with connect_or_start() as base_url:
             console.print(f"control plane: {base_url}")
             for name, flow in flows.items():
@@ -124,10 +128,28 @@ def run_flows(
                 state = flow(**mine, return_state=True)
                 summary = state.result(raise_on_failure=True)
                 _print_summary(name, state, summary, time.perf_counter() - started)
+                run_id = str(state.state_details.flow_run_id)
+                runs.append((name, run_id, summary if isinstance(summary, dict) else {}))
     except SageError as exc:
         raise _fail(exc) from None
+    _where_to_look(runs)
+
+
+def _where_to_look(runs: list[tuple[str, str, dict[str, Any]]]) -> None:
+    console.print("\n[bold]Where to look[/]")
+    for name, run_id, summary in runs:
+        uri = summary.get("lance_uri")
+        tables = [summary[k] for k in ("table", "answers_table", "output_table") if summary.get(k)]
+        console.print(f"  {name}: Prefect flow run {run_id}")
+        for table in tables:
+            console.print(
+                f"    LanceDB table {table!r} in {uri}: "
+                f"python -c \"import lancedb; print(lancedb.connect('{uri}').open_table('{table}').to_pandas())\"",
+                soft_wrap=True,
+            )
     console.print(
-        "See the runs in the Prefect UI: [bold]prefect server start[/] then http://127.0.0.1:4200/runs"
+        "  Prefect UI: [bold]prefect server start[/], then http://127.0.0.1:4200/runs "
+        "(runs on the ephemeral API are stored in the same local database)"
     )
 
 

@@ -143,3 +143,18 @@ def load_settings(**overrides: Any) -> SageSettings:
         raise ConfigError(
             f"invalid setting {field!r}{where}: {first['msg']}", field=field, file=str(source or "")
         ) from None
+
+
+def command_line_defaults() -> None:
+    """Defaults for a process that runs flows from a terminal (the CLI, ``python flows/x.py``).
+
+    Dask's INFO logs (workers starting and stopping) go quiet, here and in worker processes
+    started later, and the Prefect server does not try to send telemetry (offline machines
+    log an error for it). Variables already set are left alone.
+    """
+    import logging
+
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if os.environ["DASK_LOGGING__DISTRIBUTED"] == "warning":
+        logging.getLogger("distributed").setLevel(logging.WARNING)
