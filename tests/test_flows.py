@@ -47,7 +47,9 @@ def _table(uri: Path, name: str) -> Any:
     return lancedb.connect(str(uri)).open_table(name).to_arrow()
 
 
-def test_rag_index_is_incremental(flows: dict[str, Any], prefect_api: str, small_cluster: str, tmp_path: Path) -> None:
+def test_rag_index_is_incremental(
+    flows: dict[str, Any], prefect_api: str, small_cluster: str, tmp_path: Path
+) -> None:
     docs = tmp_path / "docs"
     shutil.copytree(DOCS_DIR, docs)
     uri = tmp_path / "lance"
