@@ -459,6 +459,59 @@ def test_vector_index_is_built_once_over_the_threshold(tmp_path: Path) -> None:
     assert retrained.created_at > built.created_at and retrained.num_indexed_rows == 740
 
 
+def test_retriever_ann_search_settings_reach_the_vector_query(tmp_path: Path, controlplane: str) -> None:
+    """``nprobes``/``ef``/``refine_factor`` go to LanceDB's query; generous ones give exact results."""
+    uri = tmp_path / "lance"
+    rng = np.random.default_rng(11)
+    vectors = rng.normal(size=(300, 384)).astype(np.float32)
+    rows = pa.table(
+        {
+            "doc_id": [f"d{i}" for i in range(300)],
+            "chunk_id": [f"d{i}#0" for i in range(300)],
+            "text": [f"row {i}" for i in range(300)],
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 384),
+        }
+    )
+    indexer = LanceIndexer({"uri": str(uri), "vector_index_min_rows": 200, "fts": False})
+    indexer.write_partition(rows, "p0")
+    indexer.finish()
+    assert "IvfHnswSq" in _indices(uri)
+
+    question = "How do I grow tomatoes?"
+    query = Embedder({"base_url": controlplane}).embed([question])[0]
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    exact = [f"d{i}#0" for i in np.argsort(-(unit @ (query / np.linalg.norm(query))))[:5]]
+    settings = {"nprobes": 1, "ef": 300, "refine_factor": 20}
+    tuned = _ask(str(uri), controlplane, "vector", question, **settings)
+    assert tuned["retrieved_ids"] == exact
+
+    seen: list[tuple[str, int]] = []
+    op = LanceRetriever({"uri": str(uri), "base_url": controlplane, "mode": "vector", **settings})
+    op.setup()
+    original = op._table.search
+
+    def recording(name: str, method: Any) -> Any:
+        def call(value: int) -> Any:
+            seen.append((name, value))
+            return method(value)
+
+        return call
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        builder = original(*args, **kwargs)
+        for name in settings:
+            setattr(builder, name, recording(name, getattr(builder, name)))
+        return builder
+
+    op._table.search = spy  # type: ignore[method-assign]
+    op.run([{"question": question}])
+    assert sorted(seen) == sorted(settings.items())
+    for key in settings:
+        with pytest.raises(ConfigError) as info:
+            LanceRetriever({key: 0})
+        assert (info.value.operator, info.value.field) == ("LanceRetriever", key)
+
+
 # --------------------------------------------------------------------------- as Prefect tasks
 
 

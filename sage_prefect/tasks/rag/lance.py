@@ -559,8 +559,12 @@ class LanceRetriever(Operator, MapFunction):
     ``"doc_id LIKE 'guides/%'"``), ``model`` (embedding model; default settings; must be
     the one the table was embedded with), ``rrf_k`` (60), ``candidates`` (results each
     side contributes to hybrid fusion; default ``max(2 * top_k, 20)``), ``columns`` (extra
-    table columns to copy into each retrieved item, e.g. ``["title", "path"]``) and the
-    table's ``id_field``/``doc_field``/``text_field``/``vector_field``.
+    table columns to copy into each retrieved item, e.g. ``["title", "path"]``), the
+    table's ``id_field``/``doc_field``/``text_field``/``vector_field``, and the ANN search
+    settings passed to LanceDB's vector query when set (unset: LanceDB's defaults):
+    ``nprobes`` (IVF partitions searched), ``ef`` (HNSW candidate list size; at least
+    ``top_k`` is sensible) and ``refine_factor`` (fetch ``limit * refine_factor`` candidates
+    and re-rank them by their full vectors, which recovers recall a quantised index loses).
 
     Adds ``retrieved`` (list of ``{chunk_id, doc_id, text, score, *columns}``, best first),
     ``retrieved_ids`` (the chunk ids) and ``latency_retrieve_ms``. Scores by mode:
@@ -593,6 +597,15 @@ class LanceRetriever(Operator, MapFunction):
         doc_field: str = Field("doc_id", min_length=1, description="Document id column")
         text_field: str = Field("text", min_length=1, description="Text column")
         vector_field: str = Field("vector", min_length=1, description="Embedding column")
+        nprobes: int | None = Field(
+            None, ge=1, description="ANN: IVF partitions searched per query; default LanceDB's"
+        )
+        ef: int | None = Field(
+            None, ge=1, description="ANN: HNSW candidate list size per query; default LanceDB's"
+        )
+        refine_factor: int | None = Field(
+            None, ge=1, description="ANN: re-rank limit x refine_factor candidates by full vectors"
+        )
 
     cfg: Config
 
@@ -818,6 +831,12 @@ class LanceRetriever(Operator, MapFunction):
             "LanceVectorQueryBuilder", self._table.search(vector, vector_column_name=cfg.vector_field)
         )
         query = builder.distance_type("cosine")
+        if cfg.nprobes is not None:
+            query = query.nprobes(cfg.nprobes)
+        if cfg.ef is not None:
+            query = query.ef(cfg.ef)
+        if cfg.refine_factor is not None:
+            query = query.refine_factor(cfg.refine_factor)
         if cfg.filter is not None:
             query = query.where(cfg.filter, prefilter=True)
         found = query.select([*self._columns(), cfg.vector_field, "_distance"]).limit(limit).to_arrow()
