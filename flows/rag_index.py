@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,16 +52,22 @@ def rag_index(
     chunk_overlap: int = 80,
     embedding_model: str | None = None,
     prune: bool = True,
-    documents_per_partition: int = 64,
+    documents_per_partition: int | None = None,
 ) -> dict[str, Any]:
-    """Index ``docs_dir`` (default: the project's shipped docs) into LanceDB table ``table``."""
+    """Index ``docs_dir`` (default: the project's shipped docs) into LanceDB table ``table``.
+
+    ``documents_per_partition`` unset: an eighth of the documents, between 16 and 1024 (a few
+    partitions per worker to pipeline over, without paying per-task overhead thousands of times).
+    """
     settings = load_settings()
     docs = str(Path(docs_dir).expanduser().resolve()) if docs_dir else str(DOCS_DIR)
     uri = lance_uri or str(settings.lance_dir)
     chunker_cls = TokenChunker if chunker == "token" else CharacterChunker
     source = {"path": docs}
+    listed = len(TextDirectorySource(source).document_ids())
+    per_partition = documents_per_partition or min(1024, max(16, math.ceil(listed / 8)))
     with connect_or_start() as base_url:
-        env = environment_from_settings("rag_index-pipeline", settings, batch_size=documents_per_partition)
+        env = environment_from_settings("rag_index-pipeline", settings, batch_size=per_partition)
         with env:
             (
                 env.from_source(TextDirectorySource, source)
@@ -70,6 +77,7 @@ def rag_index(
                 .sink(LanceIndexer, {"uri": uri, "table": table})
             )
             result = env.submit()
+    # Listed again after the run: a file added meanwhile was indexed and must not be pruned.
     current = TextDirectorySource(source).document_ids()
     pruned = prune_documents(uri, table, keep_doc_ids=current) if prune else 0
     summary = {
