@@ -130,3 +130,17 @@ def apply_function(kind: str, fn: Any, table: pa.Table, where: str) -> pa.Table:
             out_records.extend(produced)
         return records_to_table(out_records, where)
     raise RecordError(f"{where}: cannot apply an operator of kind {kind!r} to a partition")
+
+
+def with_columns(table: pa.Table, columns: dict[str, pa.Array | pa.ChunkedArray]) -> pa.Table:
+    """``table`` with each of ``columns`` set: replaced in place where the name exists, else appended.
+
+    >>> t = with_columns(pa.table({"a": [1], "b": [2]}), {"a": pa.array(["x"]), "c": pa.array([3.0])})
+    >>> t.column_names, t.column("a").type
+    (['a', 'b', 'c'], DataType(string))
+    """
+    for name, values in columns.items():
+        field = pa.field(name, values.type)
+        index = table.schema.get_field_index(name)
+        table = table.set_column(index, field, values) if index >= 0 else table.append_column(field, values)
+    return table

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, ClassVar
@@ -55,6 +55,7 @@ __all__ = [
     "PartitionSink",
     "PrintSink",
     "SinkError",
+    "conform_to_schema",
     "lance_lock",
     "partition_file_name",
 ]
@@ -294,39 +295,7 @@ class LanceSink(PartitionSink):
         return created, True
 
     def _conform(self, data: pa.Table, schema: pa.Schema) -> pa.Table:
-        """Cast ``data`` to the table's ``schema``; `ConfigError` naming the first bad field."""
-        extra = [name for name in data.column_names if name not in schema.names]
-        if extra:
-            raise self._schema_error(
-                extra[0], f"field {extra[0]!r} is not in the table (its fields: {schema.names})"
-            )
-        columns: list[pa.ChunkedArray] = []
-        for field in schema:
-            if field.name not in data.column_names:
-                if not field.nullable:
-                    raise self._schema_error(field.name, f"non-nullable field {field.name!r} is missing")
-                columns.append(pa.chunked_array([pa.nulls(data.num_rows, field.type)], field.type))
-                continue
-            column = data.column(field.name)
-            if column.type != field.type:
-                try:
-                    column = column.cast(field.type, safe=True)
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
-                    hint = (
-                        " (the partition that created the table had only nulls in it; give the "
-                        "source an explicit schema)"
-                        if pa.types.is_null(field.type)
-                        else ""
-                    )
-                    raise self._schema_error(
-                        field.name,
-                        f"field {field.name!r} is {column.type} here but {field.type} in the table "
-                        f"and cannot be cast{hint}: {exc}",
-                    ) from None
-            if not field.nullable and column.null_count:
-                raise self._schema_error(field.name, f"non-nullable field {field.name!r} has nulls")
-            columns.append(column)
-        return pa.Table.from_arrays(columns, schema=schema)
+        return conform_to_schema(data, schema, self._schema_error)
 
     def _schema_error(self, field: str, detail: str) -> ConfigError:
         return ConfigError(
@@ -335,6 +304,51 @@ class LanceSink(PartitionSink):
             operator="LanceSink",
             table=self.table_name,
         )
+
+
+def conform_to_schema(
+    data: pa.Table, schema: pa.Schema, schema_error: Callable[[str, str], Exception]
+) -> pa.Table:
+    """Cast ``data`` to an existing table's ``schema`` (missing nullable fields become nulls).
+
+    A field ``data`` has that the table lacks, a missing non-nullable field, or a value that
+    does not cast raises ``schema_error(field, detail)`` for the first such field, so a
+    partition is rejected before anything is written.
+
+    >>> schema = pa.schema([("id", pa.int64()), ("note", pa.string())])
+    >>> conform_to_schema(pa.table({"id": pa.array([1], pa.int32())}), schema, ValueError).to_pylist()
+    [{'id': 1, 'note': None}]
+    """
+    extra = [name for name in data.column_names if name not in schema.names]
+    if extra:
+        raise schema_error(extra[0], f"field {extra[0]!r} is not in the table (its fields: {schema.names})")
+    columns: list[pa.ChunkedArray] = []
+    for field in schema:
+        if field.name not in data.column_names:
+            if not field.nullable:
+                raise schema_error(field.name, f"non-nullable field {field.name!r} is missing")
+            columns.append(pa.chunked_array([pa.nulls(data.num_rows, field.type)], field.type))
+            continue
+        column = data.column(field.name)
+        if column.type != field.type:
+            try:
+                column = column.cast(field.type, safe=True)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+                hint = (
+                    " (the partition that created the table had only nulls in it; give the "
+                    "source an explicit schema)"
+                    if pa.types.is_null(field.type)
+                    else ""
+                )
+                raise schema_error(
+                    field.name,
+                    f"field {field.name!r} is {column.type} here but {field.type} in the table "
+                    f"and cannot be cast{hint}: {exc}",
+                ) from None
+        if not field.nullable and column.null_count:
+            raise schema_error(field.name, f"non-nullable field {field.name!r} has nulls")
+        columns.append(column)
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _with_partition_columns(table: pa.Table, key: str) -> pa.Table:

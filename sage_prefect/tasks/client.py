@@ -79,3 +79,16 @@ def async_client(cfg: EndpointConfig, operator: str) -> AsyncOpenAI:
 
     base_url, key = resolve_endpoint(cfg, operator)
     return AsyncOpenAI(base_url=base_url, api_key=key, timeout=cfg.timeout_s, max_retries=cfg.max_retries)
+
+
+def chat_text(
+    api: OpenAI, model: str, messages: list[dict[str, str]], max_tokens: int, temperature: float
+) -> str:
+    """The text of one chat completion (empty when the model returned none)."""
+    resp = api.chat.completions.create(
+        model=model,
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=max_tokens,
+        temperature=temperature,
+    )
+    return resp.choices[0].message.content or ""

@@ -24,10 +24,11 @@ import pyarrow as pa
 from pydantic import Field
 
 from sage_prefect.common.functions import MapFunction
+from sage_prefect.common.records import with_columns
 from sage_prefect.tasks.agent.registry import ToolArgumentError, ToolRegistry, UnknownToolError
 from sage_prefect.tasks.agent.selection import ToolSelector, load_tool_specs
 from sage_prefect.tasks.base import Operator
-from sage_prefect.tasks.client import EndpointConfig
+from sage_prefect.tasks.client import EndpointConfig, chat_text
 
 if TYPE_CHECKING:
     from openai import OpenAI
@@ -173,13 +174,7 @@ class Planner(Operator, MapFunction):
             },
             {"role": "user", "content": query},
         ]
-        resp = self._api.chat.completions.create(
-            model=self._llm_model,
-            messages=messages,  # type: ignore[arg-type]
-            max_tokens=self.cfg.max_tokens,
-            temperature=self.cfg.temperature,
-        )
-        reply = resp.choices[0].message.content or ""
+        reply = chat_text(self._api, self._llm_model, messages, self.cfg.max_tokens, self.cfg.temperature)
         allowed = ToolRegistry([self._registry.get(n) for n in names])
         return parse_plan(reply, allowed, self.cfg.max_steps)
 
@@ -215,11 +210,7 @@ class Planner(Operator, MapFunction):
             "plan_source": pa.array([s for _, s, _ in results], type=pa.string()),
             "plan_error": pa.array([e for _, _, e in results], type=pa.string()),
         }
-        for name, col in columns.items():
-            if name in table.column_names:
-                table = table.drop_columns([name])
-            table = table.append_column(name, col)
-        return table
+        return with_columns(table, columns)
 
     def execute(self, data: dict[str, Any]) -> dict[str, Any]:
         """Plan one record."""

@@ -39,10 +39,11 @@ from pydantic import Field
 
 from sage_prefect.common.errors import ConfigError, RecordError
 from sage_prefect.common.functions import MapFunction
+from sage_prefect.common.records import with_columns
 from sage_prefect.tasks.agent.data import holdout_split, load_selection, require_dev_file
 from sage_prefect.tasks.agent.registry import Tool, tools_from_metatool
 from sage_prefect.tasks.base import Operator
-from sage_prefect.tasks.client import EndpointConfig
+from sage_prefect.tasks.client import EndpointConfig, chat_text
 
 if TYPE_CHECKING:
     import numpy as np
@@ -393,13 +394,7 @@ class ToolSelector(Operator, MapFunction):
                 "content": f"Tools:\n{listing}\n\nRequest: {query[: self.cfg.max_chars * 2]}\nTools:",
             },
         ]
-        resp = self._api.chat.completions.create(
-            model=self._llm_model,
-            messages=messages,  # type: ignore[arg-type]
-            max_tokens=self.cfg.max_tokens,
-            temperature=self.cfg.temperature,
-        )
-        reply = resp.choices[0].message.content or ""
+        reply = chat_text(self._api, self._llm_model, messages, self.cfg.max_tokens, self.cfg.temperature)
         picked = parse_tool_names(reply, [name for name, _ in shortlist])
         if not picked:
             return shortlist, "fallback"
@@ -442,11 +437,7 @@ class ToolSelector(Operator, MapFunction):
             ),
             cfg.source_field: pa.array([s for _, s in results], type=pa.string()),
         }
-        for name, col in columns.items():
-            if name in table.column_names:
-                table = table.drop_columns([name])
-            table = table.append_column(name, col)
-        return table
+        return with_columns(table, columns)
 
     def execute(self, data: dict[str, Any]) -> dict[str, Any]:
         """Select tools for one record."""

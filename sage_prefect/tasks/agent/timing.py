@@ -38,10 +38,11 @@ from pydantic import Field
 
 from sage_prefect.common.errors import ConfigError, RecordError
 from sage_prefect.common.functions import MapFunction
+from sage_prefect.common.records import with_columns
 from sage_prefect.tasks.agent.data import holdout_split, load_timing, require_dev_file
 from sage_prefect.tasks.agent.selection import embed_texts
 from sage_prefect.tasks.base import Operator
-from sage_prefect.tasks.client import EndpointConfig
+from sage_prefect.tasks.client import EndpointConfig, chat_text
 
 if TYPE_CHECKING:
     import numpy as np
@@ -272,13 +273,8 @@ class TimingDecider(Operator, MapFunction):
             },
             {"role": "user", "content": query[: self.cfg.max_chars * 2]},
         ]
-        resp = self._api.chat.completions.create(
-            model=self._llm_model,
-            messages=messages,  # type: ignore[arg-type]
-            max_tokens=self.cfg.max_tokens,
-            temperature=self.cfg.temperature,
-        )
-        answer = parse_yes_no(resp.choices[0].message.content or "")
+        reply = chat_text(self._api, self._llm_model, messages, self.cfg.max_tokens, self.cfg.temperature)
+        answer = parse_yes_no(reply)
         if answer is None:
             return _sigmoid(rule_score(query)), "fallback"
         return (1.0 if answer else 0.0), "llm"
@@ -300,11 +296,7 @@ class TimingDecider(Operator, MapFunction):
             self.cfg.score_field: pa.array([p for p, _ in results], type=pa.float64()),
             self.cfg.source_field: pa.array([s for _, s in results], type=pa.string()),
         }
-        for name, col in columns.items():
-            if name in table.column_names:
-                table = table.drop_columns([name])
-            table = table.append_column(name, col)
-        return table
+        return with_columns(table, columns)
 
     def execute(self, data: dict[str, Any]) -> dict[str, Any]:
         """Decide for one record."""

@@ -26,6 +26,7 @@ from pydantic import Field
 
 from sage_prefect.common.errors import OperatorError, RecordError
 from sage_prefect.common.functions import MapFunction, Record
+from sage_prefect.common.records import with_columns
 from sage_prefect.common.settings import load_settings
 from sage_prefect.tasks.base import Operator
 from sage_prefect.tasks.client import EndpointConfig, client
@@ -97,7 +98,7 @@ class Embedder(Operator, MapFunction):
         field = self.cfg.input_field
         if table.num_rows == 0:
             empty = vector_array(np.zeros((0, self.dimension()), dtype=np.float32))
-            return _set_column(table, self.cfg.output_field, empty)
+            return with_columns(table, {self.cfg.output_field: empty})
         if field not in table.column_names:
             raise RecordError(
                 f"{self.name}: partition has no field {field!r} (fields: {table.column_names})",
@@ -112,7 +113,7 @@ class Embedder(Operator, MapFunction):
                 field=field,
             )
         texts = _check_texts(column.to_pylist(), self.name, field)
-        return _set_column(table, self.cfg.output_field, vector_array(self.embed(texts)))
+        return with_columns(table, {self.cfg.output_field: vector_array(self.embed(texts))})
 
     # -- helpers other operators and callers use -----------------------------------------------
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -268,10 +269,3 @@ def vector_array(vectors: np.ndarray) -> pa.FixedSizeListArray:
     """
     flat = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1)
     return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float32()), int(vectors.shape[1]))
-
-
-def _set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
-    field = pa.field(name, values.type)
-    if name in table.column_names:
-        return table.set_column(table.column_names.index(name), field, values)
-    return table.append_column(field, values)

@@ -24,6 +24,7 @@ from pydantic import Field
 
 from sage_prefect.common.errors import RecordError
 from sage_prefect.common.functions import MapFunction, Record
+from sage_prefect.common.records import with_columns
 from sage_prefect.tasks.base import Operator, OperatorConfig
 
 __all__ = [
@@ -344,9 +345,7 @@ class _MetricOperator(Operator, MapFunction):
     def execute_batch(self, table: pa.Table) -> pa.Table:
         values = [self._metric(r, i) for i, r in enumerate(table.to_pylist())]
         name = self.cfg.output_field
-        column = pa.array(values, type=pa.float64())
-        index = table.schema.get_field_index(name)
-        return table.set_column(index, name, column) if index >= 0 else table.append_column(name, column)
+        return with_columns(table, {name: pa.array(values, type=pa.float64())})
 
 
 class ExactMatch(_MetricOperator):

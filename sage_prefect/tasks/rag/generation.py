@@ -34,6 +34,7 @@ from pydantic import Field
 
 from sage_prefect.common.errors import ConfigError, OperatorError, RecordError
 from sage_prefect.common.functions import MapFunction, Record
+from sage_prefect.common.records import with_columns
 from sage_prefect.common.settings import load_settings
 from sage_prefect.tasks.base import Operator, OperatorConfig
 from sage_prefect.tasks.client import EndpointConfig, client
@@ -54,14 +55,6 @@ __all__ = [
 
 
 # -- helpers shared by the operators -------------------------------------------------------------
-
-
-def _put_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
-    """``table`` with column ``name`` set to ``values`` (replaced in place when it exists)."""
-    index = table.schema.get_field_index(name)
-    if index >= 0:
-        return table.set_column(index, name, values)
-    return table.append_column(name, values)
 
 
 def _column(table: pa.Table, field: str, operator: str, role: str) -> list[Any]:
@@ -304,10 +297,12 @@ class Reranker(Operator, MapFunction):
                     ]
                 )
             )
-        out = _put_column(table, cfg.retrieved_field, pa.array(reordered, type=retrieved_type))
+        out = with_columns(table, {cfg.retrieved_field: pa.array(reordered, type=retrieved_type)})
         ids = [[c.get("chunk_id") for c in chunks] for chunks in reordered]
-        out = _put_column(out, cfg.ids_field, pa.array(ids, type=pa.list_(pa.string())))
-        return _put_column(out, cfg.latency_field, pa.array([elapsed_ms] * table.num_rows, type=pa.float64()))
+        out = with_columns(out, {cfg.ids_field: pa.array(ids, type=pa.list_(pa.string()))})
+        return with_columns(
+            out, {cfg.latency_field: pa.array([elapsed_ms] * table.num_rows, type=pa.float64())}
+        )
 
     def _score(self, queries: list[str], candidates: list[list[dict[str, Any]]]) -> list[list[float]]:
         texts = [[str(c.get("text") or "") for c in chunks] for chunks in candidates]
@@ -456,8 +451,8 @@ class QAPromptor(Operator, MapFunction):
             messages.append(m)
             cited.append(c)
         message_type = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-        out = _put_column(table, cfg.messages_field, pa.array(messages, type=message_type))
-        return _put_column(out, cfg.cited_field, pa.array(cited, type=pa.list_(pa.string())))
+        out = with_columns(table, {cfg.messages_field: pa.array(messages, type=message_type)})
+        return with_columns(out, {cfg.cited_field: pa.array(cited, type=pa.list_(pa.string()))})
 
     def _contexts(self, record: Record, index: int) -> list[dict[str, Any]]:
         cfg = self.cfg
@@ -602,13 +597,13 @@ class Generator(Operator, MapFunction):
                 for f, i in futures.items():
                     results[i] = f.result()
         answers = [r[0] if r else "" for r in results]
-        out = _put_column(table, cfg.output_field, pa.array(answers, type=pa.string()))
+        out = with_columns(table, {cfg.output_field: pa.array(answers, type=pa.string())})
         for field, k, kind in (
             (cfg.prompt_tokens_field, 1, pa.int64()),
             (cfg.completion_tokens_field, 2, pa.int64()),
             (cfg.latency_field, 3, pa.float64()),
         ):
-            out = _put_column(out, field, pa.array([r[k] if r else None for r in results], type=kind))
+            out = with_columns(out, {field: pa.array([r[k] if r else None for r in results], type=kind)})
         return out
 
     def _conversations(self, table: pa.Table) -> list[list[dict[str, str]]]:

@@ -39,9 +39,9 @@ from pydantic import Field
 
 from sage_prefect.common.errors import ConfigError, OperatorError, RecordError
 from sage_prefect.common.functions import FilterFunction, MapFunction, Record, SinkFunction
-from sage_prefect.common.records import aligned
+from sage_prefect.common.records import aligned, with_columns
 from sage_prefect.common.settings import load_settings
-from sage_prefect.data.sinks import lance_lock
+from sage_prefect.data.sinks import conform_to_schema, lance_lock
 from sage_prefect.tasks.base import Operator, OperatorConfig
 from sage_prefect.tasks.client import EndpointConfig, client
 from sage_prefect.tasks.rag.embedding import embed_texts
@@ -221,7 +221,7 @@ class LanceIndexer(Operator, SinkFunction):
                     raise self._create_error(partition_key, exc) from exc
             from lancedb.expr import col
 
-            data = self._conform(data, lance_table.schema)
+            data = conform_to_schema(data, lance_table.schema, self._schema_error)
             try:
                 (
                     lance_table.merge_insert(cfg.id_field)
@@ -330,32 +330,6 @@ class LanceIndexer(Operator, SinkFunction):
         vectors = _fixed_size_vectors(table.column(cfg.vector_field), cfg.vector_field, self._describe())
         index = table.column_names.index(cfg.vector_field)
         return table.set_column(index, pa.field(cfg.vector_field, vectors.type), vectors)
-
-    def _conform(self, data: pa.Table, schema: pa.Schema) -> pa.Table:
-        """``data`` cast to the table's ``schema``; `ConfigError` naming the first field that does not fit."""
-        for name in data.column_names:
-            if name not in schema.names:
-                raise self._schema_error(
-                    name, f"field {name!r} is not in the table (its fields: {schema.names})"
-                )
-        columns: list[pa.ChunkedArray] = []
-        for field in schema:
-            if field.name not in data.column_names:
-                if not field.nullable:
-                    raise self._schema_error(field.name, f"non-nullable field {field.name!r} is missing")
-                columns.append(pa.chunked_array([pa.nulls(data.num_rows, field.type)], field.type))
-                continue
-            column = data.column(field.name)
-            if column.type != field.type:
-                try:
-                    column = column.cast(field.type, safe=True)
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
-                    raise self._schema_error(
-                        field.name,
-                        f"field {field.name!r} is {column.type} here but {field.type} in the table: {exc}",
-                    ) from None
-            columns.append(column)
-        return pa.Table.from_arrays(columns, schema=schema)
 
     def _schema_error(self, field: str, detail: str) -> ConfigError:
         return ConfigError(
@@ -725,16 +699,9 @@ class LanceRetriever(Operator, MapFunction):
         retrieved = pa.array([hits for hits, _ in results], type=pa.list_(item_type))
         ids = pa.array([[h["chunk_id"] for h in hits] for hits, _ in results], type=pa.list_(id_type))
         latency = pa.array([ms for _, ms in results], type=pa.float64())
-        for name, values in (
-            ("retrieved", retrieved),
-            ("retrieved_ids", ids),
-            ("latency_retrieve_ms", latency),
-        ):
-            if name in table.column_names:
-                table = table.set_column(table.column_names.index(name), pa.field(name, values.type), values)
-            else:
-                table = table.append_column(pa.field(name, values.type), values)
-        return table
+        return with_columns(
+            table, {"retrieved": retrieved, "retrieved_ids": ids, "latency_retrieve_ms": latency}
+        )
 
     # -- retrieval -------------------------------------------------------------------------------
     def search(self, queries: Sequence[Any]) -> list[tuple[list[dict[str, Any]], float]]:
