@@ -141,3 +141,44 @@ def test_deploy_trigger_and_run_rag_index(
     assert {"SkipIndexed", "CharacterChunker", "Embedder", "LanceIndexer"} <= task_names
     # The deployment's run and the pipeline it ran as a subflow.
     assert any(f.parent_task_run_id is not None for f in flow_runs) and any(f.id == run.id for f in flow_runs)
+
+
+def test_deploy_serve_registers_the_deployments_with_their_schedule(
+    prefect_server: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """``sage-prefect deploy --serve``: the same deployments, served from one process (no work pool)."""
+    url, env = prefect_server
+    env.update(SAGE_HOME=str(tmp_path / "home"))
+    log = (tmp_path / "serve.log").open("wb")
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "sage_prefect.cli.main", "deploy", "--serve", "rag-index-nightly", "rag-qa"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                names = {d.name: d for d in client.read_deployments()}
+                if {"rag-index-nightly", "rag-qa"} <= set(names):
+                    break
+                assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "deploy --serve registered nothing in 120 s"
+                time.sleep(1)
+            assert "agent-tools" not in names  # only the deployments named on the command line
+            nightly = names["rag-index-nightly"]
+            assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]  # type: ignore[union-attr]
+            assert nightly.work_pool_name is None  # served, not on a work pool
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)
+        try:
+            serve.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+        log.close()
