@@ -139,11 +139,11 @@ def summarize_plans(uri: str, table: str) -> dict[str, Any]:
 
     rows = lancedb.connect(uri).open_table(table).to_arrow().to_pylist()
     n = len(rows)
-    summary: dict[str, Any] = {
-        "queries": n,
-        "needs_tool_rate": round(sum(r["needs_tool"] for r in rows) / n, 4),
-    }
-    if n and "tool" in rows[0]:
+    summary: dict[str, Any] = {"queries": n}
+    if not n:
+        return summary
+    summary["needs_tool_rate"] = round(sum(r["needs_tool"] for r in rows) / n, 4)
+    if "tool" in rows[0]:
         summary["selection_top1"] = round(sum(r["selected_tools"][:1] == [r["tool"]] for r in rows) / n, 4)
         summary["selection_topk"] = round(sum(r["tool"] in r["selected_tools"] for r in rows) / n, 4)
     return summary

@@ -182,3 +182,18 @@ def test_deploy_serve_registers_the_deployments_with_their_schedule(
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, signal.SIGKILL)
         log.close()
+
+
+def test_deploy_without_a_prefect_api_says_what_to_do(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"))
+    result = subprocess.run(
+        [sys.executable, "-m", "sage_prefect.cli.main", "deploy"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "deploy needs a Prefect API" in result.stderr and "PREFECT_API_URL" in result.stderr

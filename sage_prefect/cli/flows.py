@@ -184,6 +184,14 @@ def deploy(
         if serve:
             _serve(root, names or [])
             return
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():
+            raise ConfigError(
+                "deploy needs a Prefect API to deploy to: start one (prefect server start) and set "
+                "PREFECT_API_URL=http://127.0.0.1:4200/api, or log in to Prefect Cloud; "
+                "or use --serve to serve the deployments from this process"
+            )
         prefect = [sys.executable, "-m", "prefect"]
         env = {**os.environ, "PWD": str(root)}
         inspect = subprocess.run(
