@@ -28,6 +28,7 @@ from prefect.artifacts import create_table_artifact
 from sage_prefect.common.errors import ConfigError
 from sage_prefect.common.settings import command_line_defaults, load_settings
 from sage_prefect.controlplane.server import connect_or_start
+from sage_prefect.data import replace_table
 from sage_prefect.examples import AGENT_SAMPLE_DIR
 from sage_prefect.kernel import environment_from_settings
 from sage_prefect.tasks import CSVSource, JSONLSource, LanceSink, Planner, TimingDecider, ToolSelector
@@ -84,6 +85,7 @@ def agent_tools(
         if query_path.suffix == ".csv"
         else (JSONLSource, {"path": str(query_path)})
     )
+    staging = f"{output_table}.staging"
     with connect_or_start() as base_url:
         env = environment_from_settings("agent_tools-pipeline", settings, batch_size=queries_per_partition)
         with env:
@@ -110,11 +112,14 @@ def agent_tools(
                         "method": planner,
                         "tools_path": tools,
                         "exemplars_path": exemplars,
+                        # The retrieval side of the plan ranks tools as the selection step did.
+                        "selector_method": selector if selector != "llm" else "embedding",
                     },
                 )
-                .sink(LanceSink, {"uri": uri, "table": output_table, "mode": "overwrite"})
+                .sink(LanceSink, {"uri": uri, "table": staging, "mode": "overwrite"})
             )
             result = env.submit()
+    replace_table(uri, staging, output_table)  # the previous table stays until this run's rows are complete
     summary = summarize_plans(uri, output_table)
     summary.update(
         queries_file=str(query_path),

@@ -2,7 +2,9 @@
 
 Incremental: a document whose content hash is already in the table is skipped before it
 is chunked or embedded, a changed document has all its chunks replaced in one commit,
-and (``prune=True``) chunks of documents no longer in the directory are deleted. Running
+and (``prune=True``) chunks of documents no longer in the directory, or no longer matching
+their file (edited to blank), are deleted. Changing the chunking or the embedding model does
+not re-index unchanged documents: index into a new table (``--table``) for that. Running
 it twice on the same directory adds nothing the second time.
 
 Run it::
@@ -78,7 +80,8 @@ def rag_index(
             )
             result = env.submit()
     # Listed again after the run: a file added meanwhile was indexed and must not be pruned.
-    current = TextDirectorySource(source).document_ids()
+    # With the current hashes, chunks of a file edited into one with no chunks (blank) go too.
+    current = TextDirectorySource(source).document_hashes()
     pruned = prune_documents(uri, table, keep_doc_ids=current) if prune else 0
     summary = {
         "docs_dir": docs,

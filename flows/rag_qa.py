@@ -29,6 +29,7 @@ from prefect.artifacts import create_table_artifact
 from sage_prefect.common.errors import ConfigError
 from sage_prefect.common.settings import command_line_defaults, load_settings
 from sage_prefect.controlplane.server import connect_or_start
+from sage_prefect.data import replace_table
 from sage_prefect.examples import QUESTIONS_PATH
 from sage_prefect.kernel import environment_from_settings
 from sage_prefect.tasks import (
@@ -69,6 +70,7 @@ def rag_qa(
     path = Path(questions).expanduser().resolve() if questions else QUESTIONS_PATH
     uri = lance_uri or str(settings.lance_dir)
     gold = _gold_fields(path)
+    staging = f"{answers_table}.staging"
     with connect_or_start() as base_url:
         env = environment_from_settings("rag_qa-pipeline", settings, batch_size=questions_per_partition)
         with env:
@@ -76,7 +78,13 @@ def rag_qa(
                 env.from_source(JSONLSource, {"path": str(path)})
                 .map(
                     LanceRetriever,
-                    {"base_url": base_url, "uri": uri, "table": table, "mode": mode, "top_k": candidates},
+                    {
+                        "base_url": base_url,
+                        "uri": uri,
+                        "table": table,
+                        "mode": mode,
+                        "top_k": max(candidates, top_k),
+                    },
                 )
                 .map(Reranker, {"method": rerank, "model": reranker_model, "top_k": top_k})
                 .map(QAPromptor, {})
@@ -94,8 +102,9 @@ def rag_qa(
                 stream = stream.map(ExactMatch, {}).map(TokenF1, {})
             if "relevant_ids" in gold:
                 stream = stream.map(RecallAtK, {"k": top_k, "level": "doc"}).map(MRR, {"level": "doc"})
-            stream.sink(LanceSink, {"uri": uri, "table": answers_table, "mode": "overwrite"})
+            stream.sink(LanceSink, {"uri": uri, "table": staging, "mode": "overwrite"})
             result = env.submit()
+    replace_table(uri, staging, answers_table)  # the previous table stays until this run's rows are complete
     summary = summarize_answers(uri, answers_table)
     summary.update(
         questions=str(path),

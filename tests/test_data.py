@@ -765,3 +765,16 @@ def test_sinks_pickle_and_accept_kwargs(tmp_path: Path) -> None:
     clone = pickle.loads(pickle.dumps(sink))
     assert clone.write_partition(rows(2), "p0") == 2
     assert pickle.loads(pickle.dumps(JSONLSink(path=str(tmp_path)))).config["path"] == str(tmp_path.resolve())
+
+
+def test_replace_table_swaps_in_a_staging_table(tmp_path: Path) -> None:
+    import lancedb
+
+    from sage_prefect.data import replace_table
+
+    db = lancedb.connect(str(tmp_path))
+    db.create_table("answers", pa.table({"x": [0]}))
+    db.create_table("answers.staging", pa.table({"x": [1, 2]}))
+    assert replace_table(str(tmp_path), "answers.staging", "answers") == 2
+    assert db.open_table("answers").to_arrow()["x"].to_pylist() == [1, 2]
+    assert "answers.staging" not in db.table_names()

@@ -78,6 +78,13 @@ def test_rag_index_is_incremental(
     assert third["chunks_pruned"] == len(removed) and not [r for r in after if r["doc_id"] == "benchmarks.md"]
     assert len(after) == rows.num_rows - len(old_ops) + 1 - len(removed)
 
+    # A document edited to blank yields no chunks to replace the old ones with: they go too.
+    (docs / "deployments.md").write_text("   \n")
+    fourth = index(docs_dir=str(docs), lance_uri=str(uri), chunk_size=400, chunk_overlap=40)
+    stale = [r for r in after if r["doc_id"] == "deployments.md"]
+    assert fourth["chunks_written"] == 0 and fourth["chunks_pruned"] == len(stale) > 0
+    assert not [r for r in _table(uri, "docs").to_pylist() if r["doc_id"] == "deployments.md"]
+
 
 def test_rag_qa_answers_with_retrieved_ids_and_stage_latency(
     flows: dict[str, Any], prefect_api: str, small_cluster: str, tmp_path: Path
@@ -98,6 +105,13 @@ def test_rag_qa_answers_with_retrieved_ids_and_stage_latency(
     # Retrieval with the real MiniLM model finds the right document for most questions.
     assert summary["mean_recall_at_k"] >= 0.75, summary
     assert {"latency_retrieve_ms_p50", "latency_generate_ms_p50"} <= set(summary)
+
+    # A run that fails part-way leaves the last complete answers table as it was.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "What is SageError?"}\n{"question": \n')
+    with pytest.raises(Exception, match=r"bad.jsonl:2"):
+        flows["rag_qa"](questions=str(bad), lance_uri=str(uri))
+    assert _table(uri, "answers").to_pylist() == answers
 
 
 def test_agent_tools_on_the_shipped_sample(

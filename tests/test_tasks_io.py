@@ -518,3 +518,20 @@ def test_pipeline_text_directory_to_character_chunks(
         expected, key=lambda r: (r["doc_id"], r["chunk_index"])
     )
     assert len({r["chunk_id"] for r in rows}) == len(rows)
+
+
+def test_setup_runs_once_whether_the_kernel_or_run_calls_it() -> None:
+    """The kernel calls setup() itself; run()/as_task() must not load the model a second time."""
+    from sage_prefect.tasks import QAPromptor
+
+    calls: list[int] = []
+
+    class Counting(QAPromptor):
+        def setup(self) -> None:
+            calls.append(1)
+            super().setup()
+
+    op = Counting({})
+    op.setup()
+    op.run([{"question": "q", "retrieved": []}])
+    assert len(calls) == 1

@@ -536,3 +536,11 @@ def test_operators_as_prefect_tasks_in_a_flow(
     assert "garden.md#0" in answer["retrieved_ids"] and len(answer["retrieved"]) == 3
     assert len(_rows(Path(uri))) == len(chunks)
     assert "FTS" in _indices(Path(uri))  # run() called finish() after the write
+
+
+def test_indexer_refuses_one_record_at_a_time(tmp_path: Path) -> None:
+    """Per-record writes would replace a document's chunks with the last one each time."""
+    from sage_prefect.tasks import LanceIndexer
+
+    with pytest.raises(NotImplementedError, match="whole partitions"):
+        LanceIndexer({"uri": str(tmp_path), "table": "docs"}).execute({"chunk_id": "a#0", "doc_id": "a"})

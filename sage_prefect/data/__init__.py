@@ -31,6 +31,7 @@ from sage_prefect.data.sinks import (
     SinkError,
     SinkOption,
     partition_file_name,
+    replace_table,
 )
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ __all__ = [
     "load",
     "maybe_spill",
     "partition_file_name",
+    "replace_table",
     "resolve",
     "spill",
 ]

@@ -56,6 +56,7 @@ __all__ = [
     "PrintSink",
     "SinkError",
     "conform_to_schema",
+    "replace_table",
     "lance_lock",
     "partition_file_name",
 ]
@@ -304,6 +305,29 @@ class LanceSink(PartitionSink):
             operator="LanceSink",
             table=self.table_name,
         )
+
+
+def replace_table(uri: str, source: str, target: str) -> int:
+    """Make LanceDB table ``target`` hold exactly the rows of ``source``, then drop ``source``.
+
+    For results written to a staging table first: ``target`` keeps its previous contents
+    until the new ones are complete (one overwrite commit; readers see the old table or the
+    new one, never a half-written one). Returns the rows of ``target`` afterwards.
+
+    >>> import tempfile, lancedb
+    >>> uri = tempfile.mkdtemp(); db = lancedb.connect(uri)
+    >>> _ = db.create_table("answers", pa.table({"x": [0]})); _ = db.create_table("staging", pa.table({"x": [1, 2]}))
+    >>> replace_table(uri, "staging", "answers"), "staging" in db.table_names()
+    (2, False)
+    """
+    import lancedb
+
+    db = lancedb.connect(uri)
+    with _creation_lock(uri, target):
+        rows = db.open_table(source).to_arrow()
+        db.create_table(target, data=rows, mode="overwrite")
+    db.drop_table(source)
+    return rows.num_rows
 
 
 def conform_to_schema(

@@ -24,6 +24,7 @@ sage_prefect.common.errors.ConfigError: Shout: unknown config key 'sufix' (known
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from collections.abc import Callable
@@ -81,6 +82,21 @@ class Operator(BaseFunction):
     Config: ClassVar[type[OperatorConfig]] = OperatorConfig
     cfg: Any
     """The validated ``Config`` instance (typed ``Any`` here: each operator has its own model)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # The kernel calls setup() itself; mark the instance ready whichever way setup() ran,
+        # so ensure_setup() never loads a model a second time.
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("setup")
+        if own is not None and not getattr(own, "_marks_ready", False):
+
+            @functools.wraps(own)
+            def setup(self: Operator) -> None:
+                own(self)
+                self._ready = True
+
+            setup._marks_ready = True  # type: ignore[attr-defined]
+            cls.setup = setup  # type: ignore[method-assign]
 
     def __init__(self, config: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)

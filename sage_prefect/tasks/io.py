@@ -459,6 +459,10 @@ class TextDirectorySource(_FileSource):
         """The ``doc_id`` of every file the source would read, sorted, without reading them."""
         return [doc_id for doc_id, _ in self._documents()]
 
+    def document_hashes(self) -> dict[str, str]:
+        """``{doc_id: content_hash}`` of every file the source would read (reads the bytes, not the text)."""
+        return {doc_id: hashlib.sha256(file.read_bytes()).hexdigest() for doc_id, file in self._documents()}
+
     def _open(self) -> Iterator[list[Record]]:
         return self._read(self._documents())
 

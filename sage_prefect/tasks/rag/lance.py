@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -192,8 +192,11 @@ class LanceIndexer(Operator, SinkFunction):
         return f"{self.name}(table={self.cfg.table!r}, uri={self.uri!r})"
 
     def execute(self, data: Record) -> None:
-        """One record: written as a partition of one row (prefer whole partitions)."""
-        self.write_partition(pa.Table.from_pylist([data]), "record")
+        raise NotImplementedError(
+            f"{self.name} writes whole partitions (write_partition(table, key)): a document's "
+            "chunks are replaced together, so one record at a time would delete the chunks "
+            "written before it. Use it with DataStream.sink(...), op.run(rows) or op.as_task()."
+        )
 
     def write_partition(self, table: pa.Table, partition_key: str) -> int:
         """Replace the chunks of every document in ``table``; return the rows written."""
@@ -386,36 +389,62 @@ def table_rows(uri: str | None, table: str) -> int:
 
 
 def prune_documents(
-    uri: str | None, table: str, keep_doc_ids: Iterable[Any], doc_field: str = "doc_id"
+    uri: str | None,
+    table: str,
+    keep_doc_ids: Iterable[Any] | Mapping[Any, str],
+    doc_field: str = "doc_id",
+    hash_field: str = "content_hash",
 ) -> int:
     """Delete the chunks of every document not in ``keep_doc_ids``; return the rows deleted.
 
     Pass every doc id the source still has (not only the changed ones): an empty
     ``keep_doc_ids`` deletes everything. A missing table deletes nothing (returns 0).
+    Given a mapping ``{doc_id: content_hash}``, chunks of a kept document whose stored
+    ``hash_field`` differs from its current hash are deleted too: a document edited into one
+    that yields no chunks (blank) leaves nothing for the indexer to replace, so its old
+    chunks would otherwise stay searchable.
     """
     resolved = _resolve_uri(uri)
     lance_table = _open_existing(resolved, table)
     if lance_table is None:
         return 0
-    if doc_field not in lance_table.schema.names:
-        raise ConfigError(
-            f"prune_documents: table {table!r} at {resolved!r} has no field {doc_field!r} "
-            f"(its fields: {lance_table.schema.names})",
-            field=doc_field,
-            table=table,
-        )
+    hashes = dict(keep_doc_ids) if isinstance(keep_doc_ids, Mapping) else None
+    needed = [doc_field, hash_field] if hashes is not None else [doc_field]
+    for name in needed:
+        if name not in lance_table.schema.names:
+            raise ConfigError(
+                f"prune_documents: table {table!r} at {resolved!r} has no field {name!r} "
+                f"(its fields: {lance_table.schema.names})",
+                field=name,
+                table=table,
+            )
     from lancedb.expr import col
 
-    keep = set(keep_doc_ids)
+    keep = set(hashes if hashes is not None else keep_doc_ids)
     with lance_lock(resolved, table, _WRITE_LOCK):
         lance_table = _open(_connect(resolved), table) or lance_table
-        present = pc.unique(_read_columns(lance_table, [doc_field]).column(doc_field)).to_pylist()
-        gone = [doc for doc in present if doc not in keep]
-        if not gone:
-            return 0
         before = lance_table.count_rows()
-        lance_table.delete(col(doc_field).isin(gone))
+        pairs = _read_columns(lance_table, needed).group_by(needed).aggregate([]).to_pylist()
+        gone = sorted({p[doc_field] for p in pairs if p[doc_field] not in keep})
+        if gone:
+            lance_table.delete(col(doc_field).isin(gone))
+        if hashes is not None:
+            for doc in sorted(
+                {
+                    p[doc_field]
+                    for p in pairs
+                    if p[doc_field] in keep and p[hash_field] != hashes[p[doc_field]]
+                }
+            ):
+                lance_table.delete(
+                    f"{doc_field} = {_sql_string(doc)} AND {hash_field} != {_sql_string(hashes[doc])}"
+                )
         return before - lance_table.count_rows()
+
+
+def _sql_string(value: Any) -> str:
+    """A SQL string literal for a Lance filter (single quotes doubled)."""
+    return "'" + str(value).replace("'", "''") + "'"
 
 
 # --------------------------------------------------------------------------- SkipIndexed
