@@ -25,6 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(420)
 
 
+def _stop(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    """Send ``sig`` to the process group, then SIGKILL it if it has not exited in 30 s."""
+    os.killpg(process.pid, sig)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
 @pytest.fixture
 def prefect_server(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     """``prefect server start`` on a free loopback port with its own home; yields (api url, env)."""
@@ -58,11 +67,7 @@ def prefect_server(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
             time.sleep(0.5)
         yield url, {**env, "PREFECT_API_URL": url}
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        _stop(server, signal.SIGTERM)
         log.close()
 
 
@@ -127,11 +132,7 @@ def test_deploy_trigger_and_run_rag_index(
             task_names = {t.name.split("[")[0] for t in client.read_task_runs()}
             flow_runs = client.read_flow_runs()
     finally:
-        os.killpg(worker.pid, signal.SIGINT)  # the process worker stops on SIGINT, not SIGTERM
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
+        _stop(worker, signal.SIGINT)  # the process worker stops on SIGINT, not SIGTERM
         worker_log.close()
 
     import lancedb
@@ -176,11 +177,7 @@ def test_deploy_serve_registers_the_deployments_with_their_schedule(
             assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]  # type: ignore[union-attr]
             assert nightly.work_pool_name is None  # served, not on a work pool
     finally:
-        os.killpg(serve.pid, signal.SIGINT)
-        try:
-            serve.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
+        _stop(serve, signal.SIGINT)
         log.close()
 
 

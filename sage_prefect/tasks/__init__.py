@@ -12,9 +12,7 @@ not import lancedb, jinja2 or the openai SDK until an operator needs them.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from sage_prefect.tasks._lazy import lazy_exports
 from sage_prefect.tasks.base import Operator, OperatorConfig
 
 _EXPORTS: dict[str, str] = {
@@ -52,14 +50,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = ["Operator", "OperatorConfig", *_EXPORTS]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, ["Operator", "OperatorConfig"])

@@ -11,8 +11,7 @@ Names resolve lazily, like `sage_prefect.tasks`.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from sage_prefect.tasks._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "Tool": "sage_prefect.tasks.agent.registry",
@@ -29,14 +28,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
