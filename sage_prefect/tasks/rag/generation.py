@@ -297,11 +297,14 @@ class Reranker(Operator, MapFunction):
                     ]
                 )
             )
-        out = with_columns(table, {cfg.retrieved_field: pa.array(reordered, type=retrieved_type)})
         ids = [[c.get("chunk_id") for c in chunks] for chunks in reordered]
-        out = with_columns(out, {cfg.ids_field: pa.array(ids, type=pa.list_(pa.string()))})
         return with_columns(
-            out, {cfg.latency_field: pa.array([elapsed_ms] * table.num_rows, type=pa.float64())}
+            table,
+            {
+                cfg.retrieved_field: pa.array(reordered, type=retrieved_type),
+                cfg.ids_field: pa.array(ids, type=pa.list_(pa.string())),
+                cfg.latency_field: pa.array([elapsed_ms] * table.num_rows, type=pa.float64()),
+            },
         )
 
     def _score(self, queries: list[str], candidates: list[list[dict[str, Any]]]) -> list[list[float]]:
@@ -451,8 +454,13 @@ class QAPromptor(Operator, MapFunction):
             messages.append(m)
             cited.append(c)
         message_type = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-        out = with_columns(table, {cfg.messages_field: pa.array(messages, type=message_type)})
-        return with_columns(out, {cfg.cited_field: pa.array(cited, type=pa.list_(pa.string()))})
+        return with_columns(
+            table,
+            {
+                cfg.messages_field: pa.array(messages, type=message_type),
+                cfg.cited_field: pa.array(cited, type=pa.list_(pa.string())),
+            },
+        )
 
     def _contexts(self, record: Record, index: int) -> list[dict[str, Any]]:
         cfg = self.cfg
@@ -597,14 +605,14 @@ class Generator(Operator, MapFunction):
                 for f, i in futures.items():
                     results[i] = f.result()
         answers = [r[0] if r else "" for r in results]
-        out = with_columns(table, {cfg.output_field: pa.array(answers, type=pa.string())})
+        columns = {cfg.output_field: pa.array(answers, type=pa.string())}
         for field, k, kind in (
             (cfg.prompt_tokens_field, 1, pa.int64()),
             (cfg.completion_tokens_field, 2, pa.int64()),
             (cfg.latency_field, 3, pa.float64()),
         ):
-            out = with_columns(out, {field: pa.array([r[k] if r else None for r in results], type=kind)})
-        return out
+            columns[field] = pa.array([r[k] if r else None for r in results], type=kind)
+        return with_columns(table, columns)
 
     def _conversations(self, table: pa.Table) -> list[list[dict[str, str]]]:
         cfg = self.cfg
