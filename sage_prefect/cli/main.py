@@ -1,4 +1,4 @@
-"""The ``sage-prefect`` command: ``run``, ``flow run|list``, ``deploy``, ``cluster up``, ``controlplane serve``, ``doctor``."""
+"""The ``sage-prefect`` command: ``run``, ``flow run|list``, ``bench run|compare|list``, ``deploy``, ``cluster up``, ``controlplane serve``, ``doctor``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sage_prefect.cli.bench import bench_app
 from sage_prefect.cli.flows import deploy, flow_app
 from sage_prefect.common.errors import SageError
 
@@ -25,6 +26,7 @@ controlplane_app = typer.Typer(
 )
 app.add_typer(controlplane_app, name="controlplane")
 app.add_typer(flow_app, name="flow")
+app.add_typer(bench_app, name="bench")
 app.command()(deploy)
 console = Console()
 err = Console(stderr=True)
