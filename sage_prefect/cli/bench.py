@@ -143,11 +143,21 @@ def _show_table(
     if table.empty:
         console.print(f"experiment {experiment!r} has no finished runs yet")
         return table
-    out = Table(title=f"MLflow experiment {experiment!r}: {len(table)} runs, newest first")
-    for column in table.columns:
-        out.add_column(str(column), overflow="fold")
-    for row in table.itertuples(index=False):
-        out.add_row(*(_fmt(v) for v in row))
+    title = f"MLflow experiment {experiment!r}: {len(table)} runs, newest first"
+    if len(table.columns) <= 7:
+        out = Table(title=title)
+        for column in table.columns:
+            out.add_column(str(column), overflow="fold")
+        for row in table.itertuples(index=False):
+            out.add_row(*(_fmt(v) for v in row))
+    else:  # many metrics: one row per field, one column per run
+        out = Table(title=title)
+        out.add_column("field", overflow="fold")
+        for run, run_id in zip(table["run"], table["run_id"], strict=True):
+            out.add_column(f"{run}\n{run_id}" if run else str(run_id), overflow="fold")
+        for column in table.columns:
+            if column not in ("run", "run_id"):
+                out.add_row(str(column), *(_fmt(v) for v in table[column]))
     console.print(out)
     if plot is not None:
         from sage_prefect.benchmark.plots import comparison, save
