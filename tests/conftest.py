@@ -19,6 +19,8 @@ os.environ.setdefault("DASK_TEMPORARY_DIRECTORY", str(_ROOT / "dask"))
 os.environ.pop("SAGE_CONFIG", None)
 os.environ.pop("SAGE_DASK_ADDRESS", None)
 os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # benchmark runs go to the SQLite store under SAGE_HOME
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
 import pytest  # noqa: E402
 

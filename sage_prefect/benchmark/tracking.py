@@ -275,8 +275,9 @@ class BenchmarkRun:
     @contextmanager
     def child(self, run_name: str, params: Mapping[str, Any] | None = None) -> Iterator[BenchmarkRun]:
         """A nested run (one policy, one selector ...) under this one, in the same experiment."""
+        context = {**(params or {}), **git_info(), **machine_info()}  # each run compares on its own
         with _open_run(
-            self.client, self.experiment, self.experiment_id, run_name, params, self.run_id
+            self.client, self.experiment, self.experiment_id, run_name, context, self.run_id
         ) as run:
             yield run
 
@@ -337,7 +338,9 @@ def _search(experiment: str, uri: str, max_runs: int, filter_string: str) -> pd.
     _quiet_mlflow()
     import mlflow
 
-    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    # mlflow.search_runs reads the global tracking URI (mirrored in MLFLOW_TRACKING_URI): set it
+    # for the call, then put back what was there, so tracking_uri() keeps following the settings.
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         if mlflow.get_experiment_by_name(experiment) is None:
@@ -352,8 +355,7 @@ def _search(experiment: str, uri: str, max_runs: int, filter_string: str) -> pd.
             order_by=["attributes.start_time DESC"],
         )
     finally:
-        if previous is not None:
-            mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]  # None unsets it (mlflow >= 2)
     assert not isinstance(df, list)
     return df
 
