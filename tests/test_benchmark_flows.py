@@ -170,3 +170,45 @@ def test_pipeline_flow_logs_throughput_and_stage_latency(
     per_question = json.loads((_artifacts(run) / "raw" / "per_question_latency.json").read_text())
     assert len(per_question) == 3 and all("latency_generate_ms" in q for q in per_question)
     assert (_artifacts(run) / "plots" / "stage_latency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_agent_flow_scores_every_task_on_the_shipped_sample(
+    benches: dict[str, Any], prefect_api: str, controlplane_env: str, home: Path
+) -> None:
+    out = benches["agent"](
+        selectors=["keyword", "embedding"], planners=["retrieval"], timing_methods=["rule"]
+    )
+    (run,) = _runs("agent")
+    metrics, params = run.data.metrics, run.data.params
+    assert run.info.run_id == out["mlflow_run_id"] and params["holdout_fraction"] == "0.2"
+    assert json.loads(params["selectors.embedding"]) == {"method": "embedding"}
+    # every metric is named after the file it was scored on
+    assert 0 <= metrics["selection.metatool.selection_test.embedding.top1_accuracy"] <= 1
+    assert metrics["selection.metatool.selection_test.keyword.n"] > 0
+    assert "selection.bfcl.BFCL_v4_multiple.embedding.mrr" in metrics
+    assert "planning.metatool.multi_tool_dev_holdout.retrieval.f1" in metrics
+    assert "timing.metatool.timing_dev_holdout.rule.accuracy" in metrics
+    assert "timing.bfcl.BFCL_v4_irrelevance.rule.accuracy" in metrics
+    rows = json.loads((_artifacts(run) / "results.json").read_text())
+    assert {(r["task"], r["dataset"]) for r in rows} == {
+        ("selection", "metatool"),
+        ("selection", "bfcl"),
+        ("planning", "metatool"),
+        ("timing", "metatool"),
+        ("timing", "bfcl"),
+    }
+    plots = sorted(p.name for p in (_artifacts(run) / "plots").iterdir())
+    assert any(p.startswith("selection-metatool") for p in plots) and any(
+        p.startswith("timing-") for p in plots
+    )
+
+
+def test_agent_flow_names_unknown_methods_and_empty_data(
+    benches: dict[str, Any], prefect_api: str, home: Path, tmp_path: Path
+) -> None:
+    from sage_prefect.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown selector 'magic'"):
+        benches["agent"](selectors=["magic"])
+    with pytest.raises(ConfigError, match="holds neither MetaTool data"):
+        benches["agent"](data_dir=str(tmp_path))

@@ -1,0 +1,509 @@
+"""Agent-capability evaluation (sage_prefect.benchmark.agent): hand-checked metrics, and the
+evaluators on the shipped sample and (when present) ``../shared/data/agent``, through the real
+control plane (MiniLM embeddings, the tiny random-weight LM)."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sage_prefect.benchmark import agent
+from sage_prefect.benchmark.agent import (
+    bfcl_query,
+    binary_metrics,
+    evaluate_bfcl_selection,
+    evaluate_planning,
+    evaluate_selection,
+    evaluate_timing,
+    metric_name,
+    row_metrics,
+    selection_metrics,
+    set_metrics,
+)
+from sage_prefect.tasks.agent.data import (
+    DataFormatError,
+    holdout_split,
+    load_bfcl,
+    load_multi_tool,
+    load_selection,
+)
+from sage_prefect.tasks.agent.selection import ToolSelector
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sage_prefect" / "examples" / "agent_sample"
+META = SAMPLE / "metatool"
+BFCL = SAMPLE / "bfcl"
+SHARED_AGENT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "agent"
+
+ROW_KEYS = {"task", "dataset", "eval_file", "method", "n", "seconds", "setup_seconds", "fitted_on"}
+SELECTION_METHODS: dict[str, dict[str, Any]] = {
+    "keyword": {"method": "keyword"},
+    "embedding": {"method": "embedding"},
+    "hybrid": {"method": "hybrid"},
+    "llm": {"method": "llm", "max_tokens": 16},
+}
+
+
+def approx(expected: dict[str, float]) -> Any:
+    return pytest.approx(expected, nan_ok=True)
+
+
+def _by(rows: list[dict[str, Any]], **where: Any) -> list[dict[str, Any]]:
+    return [r for r in rows if all(r[k] == v for k, v in where.items())]
+
+
+def _one(rows: list[dict[str, Any]], **where: Any) -> dict[str, Any]:
+    (row,) = _by(rows, **where)
+    return row
+
+
+def _check_rows(rows: list[dict[str, Any]], task: str) -> None:
+    assert rows
+    for row in rows:
+        assert set(row) >= ROW_KEYS, row
+        assert row["task"] == task
+        assert isinstance(row["n"], int) and row["seconds"] >= 0 and row["setup_seconds"] >= 0
+        for key in row_metrics(row):
+            assert key.startswith(f"{task}.{row['dataset']}.")
+            assert all(c.isalnum() or c in "_-./ " for c in key), key
+
+
+# -- pure metrics ----------------------------------------------------------------------------------
+
+
+def test_selection_metrics_by_hand() -> None:
+    ranked = [["a", "b", "c"], ["b", "c", "a"], ["x", "y", "z"]]
+    m = selection_metrics(ranked, ["a", "c", "a"], ks=(1, 2, 3))
+    third, two_thirds = 1 / 3, 2 / 3
+    assert m == approx(
+        {
+            "top1_accuracy": third,
+            "top2_accuracy": two_thirds,
+            "top3_accuracy": two_thirds,  # the third gold is not in the list at all
+            "recall@1": third,
+            "recall@2": two_thirds,
+            "recall@3": two_thirds,
+            "mrr": (1 + 1 / 2 + 0) / 3,
+            "n": 3,
+        }
+    )
+    # A gold set: any gold name counts for accuracy; recall is the share of the set found.
+    m = selection_metrics([["a", "b", "c", "d"], ["q"]], [{"c", "d", "z"}, {"q"}], ks=(1, 3, 4))
+    assert m == approx(
+        {
+            "top1_accuracy": 0.5,
+            "top3_accuracy": 1.0,
+            "top4_accuracy": 1.0,
+            "recall@1": (0 + 1) / 2,
+            "recall@3": (1 / 3 + 1) / 2,
+            "recall@4": (2 / 3 + 1) / 2,
+            "mrr": (1 / 3 + 1) / 2,
+            "n": 2,
+        }
+    )
+    # k beyond the list's length, an empty ranking.
+    assert selection_metrics([["a"], []], ["a", "a"], ks=(5,)) == approx(
+        {"top5_accuracy": 0.5, "recall@5": 0.5, "mrr": 0.5, "n": 2}
+    )
+    empty = selection_metrics([], [], ks=(1,))
+    assert empty["n"] == 0 and math.isnan(empty["top1_accuracy"]) and math.isnan(empty["mrr"])
+    with pytest.raises(ValueError, match="predictions"):
+        selection_metrics([["a"]], ["a", "b"])
+    with pytest.raises(ValueError, match="empty"):
+        selection_metrics([["a"]], [set()])
+    with pytest.raises(ValueError, match="k must be"):
+        selection_metrics([["a"]], ["a"], ks=(0,))
+
+
+def test_set_metrics_by_hand() -> None:
+    predicted = [{"a", "b"}, {"a"}, set(), {"x", "y", "z"}]
+    gold = [{"a", "b"}, {"a", "b"}, {"c"}, {"x"}]
+    # per query (P, R, F1): (1, 1, 1), (1, 1/2, 2/3), (0, 0, 0) [empty prediction], (1/3, 1, 1/2)
+    assert set_metrics(predicted, gold) == approx(
+        {
+            "precision": (1 + 1 + 0 + 1 / 3) / 4,
+            "recall": (1 + 0.5 + 0 + 1) / 4,
+            "f1": (1 + 2 / 3 + 0 + 0.5) / 4,
+            "exact_set_accuracy": 0.25,
+            "micro_precision": 4 / 6,  # 4 hits among 6 predicted tools
+            "micro_recall": 4 / 6,  # 4 hits among 6 gold tools
+            "micro_f1": 4 / 6,
+            "n": 4,
+        }
+    )
+    nothing = set_metrics([set(), set()], [{"a"}, {"b", "c"}])
+    assert nothing == approx(
+        {
+            "precision": 0.0,
+            "recall": 0.0,
+            "f1": 0.0,
+            "exact_set_accuracy": 0.0,
+            "micro_precision": 0.0,
+            "micro_recall": 0.0,
+            "micro_f1": 0.0,
+            "n": 2,
+        }
+    )
+    # Lists work as well as sets (duplicates collapse); order does not matter.
+    assert set_metrics([["b", "a", "a"]], [["a", "b"]])["exact_set_accuracy"] == 1.0
+    assert math.isnan(set_metrics([], [])["f1"])
+    with pytest.raises(ValueError, match="empty"):
+        set_metrics([{"a"}], [set()])
+
+
+def test_binary_metrics_by_hand() -> None:
+    m = binary_metrics([True, True, False, False, True], [True, False, False, True, True])
+    assert m == approx(
+        {
+            "accuracy": 3 / 5,
+            "precision": 2 / 3,
+            "recall": 2 / 3,
+            "f1": 2 / 3,
+            "specificity": 1 / 2,
+            "tp": 2,
+            "fp": 1,
+            "tn": 1,
+            "fn": 1,
+            "n": 5,
+        }
+    )
+    # Single-class gold (BFCL irrelevance): recall (and F1) undefined -> NaN, not 0.
+    neg = binary_metrics([False, False, True], [False, False, False])
+    assert neg == approx(
+        {
+            "accuracy": 2 / 3,
+            "precision": 0.0,
+            "recall": math.nan,
+            "f1": math.nan,
+            "specificity": 2 / 3,
+            "tp": 0,
+            "fp": 1,
+            "tn": 2,
+            "fn": 0,
+            "n": 3,
+        }
+    )
+    all_right = binary_metrics([False, False], [False, False])
+    assert all_right["accuracy"] == 1.0 and math.isnan(all_right["precision"]) and math.isnan(all_right["f1"])
+    pos = binary_metrics([True, True], [True, True])
+    assert (pos["precision"], pos["recall"], pos["f1"]) == (1.0, 1.0, 1.0) and math.isnan(pos["specificity"])
+    # Both defined but zero: F1 is 0.
+    assert binary_metrics([True, False], [False, True])["f1"] == 0.0
+    assert math.isnan(binary_metrics([], [])["accuracy"])
+    with pytest.raises(ValueError):
+        binary_metrics([True], [])
+
+
+def test_metric_names_and_doctests() -> None:
+    row = {
+        "task": "selection",
+        "dataset": "metatool",
+        "eval_file": "selection_dev.csv[held-out 20%, seed 0; random 200 of 2886, seed 0]",
+        "method": "embedding",
+        "n": 200,
+        "top1_accuracy": 0.5,
+        "recall@3": 0.75,
+        "seconds": 1.5,
+        "fitted_on": "selection_dev.csv[fit 80%, seed 0]",
+        "flag": True,
+    }
+    assert (
+        metric_name(row, "top1_accuracy")
+        == "selection.metatool.selection_dev_holdout.embedding.top1_accuracy"
+    )
+    assert row_metrics(row) == {
+        "selection.metatool.selection_dev_holdout.embedding.n": 200.0,
+        "selection.metatool.selection_dev_holdout.embedding.top1_accuracy": 0.5,
+        "selection.metatool.selection_dev_holdout.embedding.recall_at_3": 0.75,
+        "selection.metatool.selection_dev_holdout.embedding.seconds": 1.5,
+    }
+    bfcl = {
+        "task": "timing",
+        "dataset": "bfcl",
+        "eval_file": "BFCL_v4_live_irrelevance.jsonl",
+        "method": "llm",
+    }
+    assert metric_name(bfcl, "accuracy") == "timing.bfcl.BFCL_v4_live_irrelevance.llm.accuracy"
+    combined = {**bfcl, "eval_file": "combined[BFCL_v4_irrelevance.jsonl, BFCL_v4_live_relevance.jsonl]"}
+    assert metric_name(combined, "f1") == "timing.bfcl.combined.llm.f1"
+    odd = {**bfcl, "method": "embedding+classifier (v2)", "dataset": "my data"}
+    assert (
+        metric_name(odd, "recall@1")
+        == "timing.my_data.BFCL_v4_live_irrelevance.embedding-classifier__v2.recall_at_1"
+    )
+    assert doctest.testmod(agent).failed == 0
+
+
+# -- evaluators on the shipped sample -----------------------------------------------------------------
+
+
+def test_selection_on_the_sample(controlplane: str) -> None:
+    rows = evaluate_selection(META, SELECTION_METHODS, base_url=controlplane)
+    _check_rows(rows, "selection")
+    # The sample has an evaluation file: only it is scored, the dev file is fitted on in full.
+    assert {r["eval_file"] for r in rows} == {"selection_test.csv"}
+    assert [r["method"] for r in rows] == list(SELECTION_METHODS)
+    for row in rows:
+        assert row["dataset"] == "metatool" and row["n"] == 20
+        assert row["top1_accuracy"] <= row["top3_accuracy"] <= row["top5_accuracy"]
+        assert row["recall@3"] == row["top3_accuracy"]  # single gold tool
+        assert 0 < row["mrr"] <= 1
+    keyword, embedding, llm = (
+        _one(rows, method="keyword"),
+        _one(rows, method="embedding"),
+        _one(rows, method="llm"),
+    )
+    assert keyword["fitted_on"] == "" and embedding["fitted_on"] == "selection_dev.csv"
+    assert keyword["top3_accuracy"] >= 0.7 and embedding["top3_accuracy"] >= 0.85  # as in test_tasks_agent
+    assert 0.0 <= llm["fallback_fraction"] <= 1.0 and "fallback_fraction" not in keyword
+    # Same numbers as scoring by hand with the operator.
+    test = load_selection(META / "selection_test.csv")
+    sel = ToolSelector({"method": "keyword", "tools_path": str(META / "tools.json")})
+    ranked = [[n for n, _ in r] for r in sel.rank([t["query"] for t in test], k=5)]
+    hand = selection_metrics(ranked, [t["tool"] for t in test])
+    assert {k: keyword[k] for k in hand} == approx(hand)
+
+    limited = evaluate_selection(META, ["keyword"], limit=5, ks=(1,))
+    assert _one(limited, method="keyword")["eval_file"] == "selection_test.csv[random 5 of 20, seed 0]"
+    assert limited[0]["n"] == 5 and "top1_accuracy" in limited[0] and "top3_accuracy" not in limited[0]
+
+
+def test_selection_on_a_dev_only_folder(tmp_path: Path, controlplane: str) -> None:
+    folder = tmp_path / "metatool"
+    folder.mkdir()
+    for name in ("tools.json", "selection_dev.csv"):
+        shutil.copy(META / name, folder / name)
+    rows = evaluate_selection(
+        folder,
+        {"keyword": {"method": "keyword"}, "embedding": {"method": "embedding"}},
+        base_url=controlplane,
+    )
+    _check_rows(rows, "selection")
+    assert {r["eval_file"] for r in rows} == {"selection_dev.csv[held-out 20%, seed 0]"}
+    assert all(r["n"] == 16 for r in rows)  # 20% of the 80 dev queries
+    assert _one(rows, method="embedding")["fitted_on"] == "selection_dev.csv[fit 80%, seed 0]"
+    assert metric_name(rows[0], "mrr") == "selection.metatool.selection_dev_holdout.keyword.mrr"
+    # The held-out part is holdout_split's, so keyword numbers match scoring it by hand.
+    _, held = holdout_split(load_selection(folder / "selection_dev.csv"), 0.2, seed=0)
+    sel = ToolSelector({"method": "keyword", "tools_path": str(folder / "tools.json")})
+    ranked = [[n for n, _ in r] for r in sel.rank([h["query"] for h in held], k=5)]
+    hand = selection_metrics(ranked, [h["tool"] for h in held])
+    assert _one(rows, method="keyword")["mrr"] == pytest.approx(hand["mrr"])
+    # A method config that would fit on the held-out part is refused.
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        evaluate_selection(
+            folder, {"e": {"method": "embedding", "holdout_fraction": 0.0}}, base_url=controlplane
+        )
+    # Other seeds/fractions name themselves.
+    other = evaluate_selection(folder, ["keyword"], holdout_fraction=0.25, seed=3)
+    assert other[0]["eval_file"] == "selection_dev.csv[held-out 25%, seed 3]" and other[0]["n"] == 20
+
+
+def test_bfcl_selection_on_the_sample(controlplane: str) -> None:
+    methods = ["keyword", "embedding", "hybrid", "llm"]
+    rows = evaluate_bfcl_selection(BFCL, methods, base_url=controlplane)
+    _check_rows(rows, "selection")
+    assert [(r["eval_file"], r["method"]) for r in rows] == [("BFCL_v4_multiple.jsonl", m) for m in methods]
+    for row in rows:
+        assert row["dataset"] == "bfcl" and row["n"] == 5 and row["fitted_on"] == ""
+        assert row["top3_accuracy"] == 1.0  # 2-4 candidates per item
+    assert 0.0 <= _one(rows, method="llm")["fallback_fraction"] <= 1.0
+    # The bulk computation ranks exactly as one ToolSelector per item over its own functions.
+    items = load_bfcl(BFCL / "BFCL_v4_multiple.jsonl")
+    labels = {m: {"method": m, "base_url": controlplane} for m in ("keyword", "embedding", "hybrid")}
+    bulk, _, _ = agent._bfcl_rank_basic(items, labels, 3)
+    for method in labels:
+        for item, ranked in zip(items, bulk[method], strict=True):
+            tools = [{"name": f["name"], "description": f.get("description", "")} for f in item["function"]]
+            sel = ToolSelector({"method": method, "tools": tools, "base_url": controlplane, "top_k": 3})
+            assert [n for n, _ in sel.rank([bfcl_query(item)])[0]] == ranked, (method, item["id"])
+
+
+def test_bfcl_errors_and_missing_files(tmp_path: Path) -> None:
+    folder = tmp_path / "bfcl"
+    folder.mkdir()
+    assert evaluate_bfcl_selection(folder, ["keyword"]) == []
+    shutil.copy(BFCL / "BFCL_v4_multiple.jsonl", folder / "BFCL_v4_multiple.jsonl")
+    with pytest.raises(DataFormatError, match="possible_answer_multiple.jsonl") as exc:
+        evaluate_bfcl_selection(folder, ["keyword"])
+    assert exc.value.file == str(folder / "BFCL_v4_multiple.jsonl")
+    answers = folder / "possible_answer_multiple.jsonl"
+    lines = (BFCL / "possible_answer_multiple.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    first["ground_truth"] = [{"no.such_function": {}}]
+    answers.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    with pytest.raises(DataFormatError, match="no.such_function"):
+        evaluate_bfcl_selection(folder, ["keyword"])
+    answers.write_text("{broken\n")
+    with pytest.raises(DataFormatError) as exc:
+        evaluate_bfcl_selection(folder, ["keyword"])
+    assert exc.value.file == str(answers) and exc.value.line == 1
+    with pytest.raises(DataFormatError, match="no such folder"):
+        evaluate_bfcl_selection(tmp_path / "nowhere", ["keyword"])
+    # MetaTool folders: a missing tools.json, a malformed selection file.
+    meta = tmp_path / "metatool"
+    meta.mkdir()
+    assert evaluate_selection(meta, ["keyword"]) == [] and evaluate_planning(meta, ["retrieval"]) == []
+    assert evaluate_timing(meta, None, ["rule"]) == [] and evaluate_timing(None, None, ["rule"]) == []
+    (meta / "selection_test.csv").write_text("query,tool\nweather?,WeatherTool\n")
+    with pytest.raises(DataFormatError, match="tools.json"):
+        evaluate_selection(meta, ["keyword"])
+    shutil.copy(META / "tools.json", meta / "tools.json")
+    (meta / "selection_test.csv").write_text("query,tool\nweather?,NoSuchTool\n")
+    with pytest.raises(DataFormatError, match="NoSuchTool") as exc:
+        evaluate_selection(meta, ["keyword"])
+    assert exc.value.file == str(meta / "selection_test.csv") and exc.value.line == 2
+
+
+def test_planning_on_the_sample(controlplane: str) -> None:
+    rows = evaluate_planning(
+        META, ("retrieval", "llm"), base_url=controlplane, planner_config={"max_tokens": 32, "max_steps": 3}
+    )
+    _check_rows(rows, "planning")
+    assert [r["method"] for r in rows] == ["retrieval", "llm", "selector_top3"]
+    assert {r["eval_file"] for r in rows} == {"multi_tool_dev.json[held-out 20%, seed 0]"}
+    assert all(r["n"] == 3 for r in rows)  # 20% of 15
+    for row in rows:
+        for key in ("precision", "recall", "f1", "exact_set_accuracy", "micro_f1"):
+            assert 0.0 <= row[key] <= 1.0
+        assert 1.0 <= row["mean_plan_steps"] <= 3.0
+    assert 0.0 <= _one(rows, method="llm")["fallback_fraction"] <= 1.0
+    assert _one(rows, method="selector_top3")["mean_plan_steps"] == 3.0
+    # Retrieval rows match planning the held-out queries by hand.
+    _, held = holdout_split(load_multi_tool(META / "multi_tool_dev.json"), 0.2, seed=0)
+    retrieval = _one(rows, method="retrieval")
+    assert retrieval["recall"] > 0
+    keyword = evaluate_planning(
+        META, {"kw": {"method": "retrieval", "selector_method": "keyword"}}, top_k=2
+    )  # no model needed
+    assert [r["method"] for r in keyword] == ["kw", "selector_top2"] and keyword[0]["n"] == len(held)
+    no_topk = evaluate_planning(META, ["retrieval"], planner_config={"selector_method": "keyword"}, top_k=0)
+    assert [r["method"] for r in no_topk] == ["retrieval"]
+
+
+def test_timing_on_the_sample(tmp_path: Path, controlplane: str) -> None:
+    methods = {
+        "rule": {"method": "rule"},
+        "embedding": {"method": "embedding"},
+        "llm": {"method": "llm", "max_tokens": 4},
+    }
+    rows = evaluate_timing(META, BFCL, methods, base_url=controlplane)
+    _check_rows(rows, "timing")
+    files = ["timing_dev.json[held-out 20%, seed 0]", "BFCL_v4_irrelevance.jsonl"]
+    assert [(r["eval_file"], r["method"]) for r in rows] == [(f, m) for f in files for m in methods]
+    assert (
+        _one(rows, method="embedding", eval_file=files[0])["fitted_on"] == "timing_dev.json[fit 80%, seed 0]"
+    )
+    assert _one(rows, method="rule", eval_file=files[0])["fitted_on"] == ""
+    assert all(r["n"] == 8 for r in _by(rows, eval_file=files[0]))
+    for row in _by(rows, eval_file=files[1]):  # every item is gold False: recall undefined
+        assert row["dataset"] == "bfcl" and row["n"] == 3 and row["tp"] + row["fn"] == 0
+        assert math.isnan(row["recall"]) and math.isnan(row["f1"])
+        assert row["accuracy"] == row["specificity"] == pytest.approx(1.0 - row["predicted_tool_rate"])
+    assert 0.0 <= _one(rows, method="llm", eval_file=files[0])["fallback_fraction"] <= 1.0
+
+    # Several BFCL timing files: each scored, plus a combined row; no dev timing file: no embedding rows.
+    folder = tmp_path / "bfcl"
+    folder.mkdir()
+    shutil.copy(BFCL / "BFCL_v4_irrelevance.jsonl", folder / "BFCL_v4_irrelevance.jsonl")
+    shutil.copy(BFCL / "BFCL_v4_multiple.jsonl", folder / "BFCL_v4_live_relevance.jsonl")
+    shutil.copy(BFCL / "BFCL_v4_multiple.jsonl", folder / "BFCL_v4_multiple.jsonl")  # not a timing file
+    only = evaluate_timing(None, folder, ["rule", "embedding"])
+    assert [r["eval_file"] for r in only] == [
+        "BFCL_v4_irrelevance.jsonl",
+        "BFCL_v4_live_relevance.jsonl",
+        "combined[BFCL_v4_irrelevance.jsonl, BFCL_v4_live_relevance.jsonl]",
+    ]
+    assert {r["method"] for r in only} == {"rule"}
+    relevance, combined = only[1], only[2]
+    assert (
+        relevance["n"] == 5
+        and relevance["fp"] + relevance["tn"] == 0
+        and math.isnan(relevance["specificity"])
+    )
+    assert combined["n"] == 8 and combined["tp"] == relevance["tp"] and combined["tn"] == only[0]["tn"]
+    assert metric_name(combined, "accuracy") == "timing.bfcl.combined.rule.accuracy"
+    assert bfcl_query(load_bfcl(BFCL / "BFCL_v4_multiple.jsonl")[0]).startswith("How many Japanese yen")
+
+
+def test_timing_shortens_queries_the_embedding_model_refuses(tmp_path: Path, controlplane: str) -> None:
+    # 980 CJK characters pass the operators' character cuts (1000; llm 2000) but are ~980 MiniLM
+    # tokens (> 256) and more than the tiny LM's 2048-token context.
+    folder = tmp_path / "bfcl"
+    folder.mkdir()
+    long_query = "天气" * 490
+    lines = [
+        {"id": f"live_irrelevance_{i}", "question": [[{"role": "user", "content": q}]], "function": []}
+        for i, q in enumerate(["Tell me a joke about cats.", long_query, "Write a haiku about rain."])
+    ]
+    (folder / "BFCL_v4_live_irrelevance.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    methods = {
+        "rule": {"method": "rule"},
+        "embedding": {"method": "embedding"},
+        "llm": {"method": "llm", "max_tokens": 4},
+    }
+    rows = evaluate_timing(META, folder, methods, base_url=controlplane)
+    for method in ("embedding", "llm"):
+        row = _one(rows, method=method, eval_file="BFCL_v4_live_irrelevance.jsonl")
+        assert row["n"] == 3 and row["shortened_inputs"] == 1, row
+    assert _one(rows, method="rule", eval_file="BFCL_v4_live_irrelevance.jsonl")["shortened_inputs"] == 0
+
+
+# -- the shared benchmark data -----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    not (SHARED_AGENT / "metatool" / "tools.json").is_file() or not (SHARED_AGENT / "bfcl").is_dir(),
+    reason=f"agent benchmark data not found at {SHARED_AGENT} (see ../shared/data/README.md)",
+)
+def test_shared_agent_data_bounded(controlplane: str) -> None:
+    meta, bfcl = SHARED_AGENT / "metatool", SHARED_AGENT / "bfcl"
+    start = time.perf_counter()
+    methods = {
+        "keyword": {"method": "keyword"},
+        "embedding": {"method": "embedding", "max_exemplars_per_tool": 8},  # a bounded fit
+    }
+    selection = evaluate_selection(meta, methods, base_url=controlplane, limit=200)
+    _check_rows(selection, "selection")
+    label = "selection_dev.csv[held-out 20%, seed 0; random 200 of 2886, seed 0]"
+    assert {r["eval_file"] for r in selection} == {label} and all(r["n"] == 200 for r in selection)
+    kw, emb = _one(selection, method="keyword"), _one(selection, method="embedding")
+    assert emb["fitted_on"] == "selection_dev.csv[fit 80%, seed 0]"
+    print(
+        "MetaTool selection (200 held-out):", {r["method"]: round(r["top1_accuracy"], 3) for r in selection}
+    )
+    assert emb["top1_accuracy"] > kw["top1_accuracy"] + 0.05, (kw, emb)
+
+    bfcl_rows = evaluate_bfcl_selection(bfcl, ["keyword", "embedding"], base_url=controlplane, limit=100)
+    _check_rows(bfcl_rows, "selection")
+    assert {r["eval_file"] for r in bfcl_rows} == {
+        "BFCL_v4_live_multiple.jsonl[random 100 of 737, seed 0]",
+        "BFCL_v4_multiple.jsonl[random 100 of 200, seed 0]",
+    }
+    assert all(r["top1_accuracy"] > 0.6 for r in bfcl_rows), bfcl_rows
+
+    planning = evaluate_planning(meta, ["retrieval"], base_url=controlplane, limit=40)
+    _check_rows(planning, "planning")
+    assert planning[0]["eval_file"] == "multi_tool_dev.json[held-out 20%, seed 0; random 40 of 69, seed 0]"
+
+    timing = evaluate_timing(meta, bfcl, ["rule", "embedding"], base_url=controlplane, limit=60)
+    _check_rows(timing, "timing")
+    files = {r["eval_file"].split("[")[0] for r in timing}
+    assert files == {
+        "timing_dev.json",
+        "BFCL_v4_irrelevance.jsonl",
+        "BFCL_v4_live_irrelevance.jsonl",
+        "BFCL_v4_live_relevance.jsonl",
+        "combined",
+    }
+    dev_rows = _by(timing, eval_file="timing_dev.json[held-out 20%, seed 0; random 60 of 146, seed 0]")
+    assert len(dev_rows) == 2 and all(r["n"] == 60 for r in dev_rows)
+    assert _one(timing, method="rule", eval_file="BFCL_v4_live_relevance.jsonl")["n"] == 16
+    elapsed = time.perf_counter() - start
+    print(f"shared-data bounded evaluation: {elapsed:.1f}s")
