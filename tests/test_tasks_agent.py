@@ -219,6 +219,8 @@ def test_config_errors_name_operator_and_field(tmp_path: Path) -> None:
         (ToolSelector, {"tools_path": tools, "top_kk": 3}, "top_kk"),
         (ToolSelector, {"tools_path": tools, "top_k": "3"}, "top_k"),
         (ToolSelector, {"tools_path": tools, "method": "magic"}, "method"),
+        (ToolSelector, {"tools_path": tools, "exemplar_mode": "svm"}, "exemplar_mode"),
+        (ToolSelector, {"tools_path": tools, "classifier_l2": 0.0}, "classifier_l2"),
         (
             ToolSelector,
             {"tools_path": tools, "exemplars_path": str(META / "selection_test.csv")},
@@ -338,6 +340,63 @@ def test_embedding_and_hybrid_selectors(fitted_selector: ToolSelector, controlpl
         }
     )
     assert _top_k_accuracy(knn.rank(queries, k=3), gold, 3) >= 0.8
+
+
+KNITTING = [  # a topic no sample tool describes, taught to PDFTool by exemplars only
+    "Find a knitting pattern for a chunky wool scarf",
+    "Which knitting needles suit a beginner's cable stitch?",
+    "Show me how to cast on stitches for a knitted beanie",
+    "Suggest yarn weights for knitting a baby blanket",
+    "How do I purl and knit a ribbed sweater cuff?",
+    "Knitting instructions for a cosy winter cardigan",
+]
+
+
+def test_classifier_selector_learns_exemplars_and_skips_held_out(controlplane: str, tmp_path: Path) -> None:
+    base = {
+        "method": "embedding",
+        "tools_path": str(META / "tools.json"),
+        "exemplar_mode": "classifier",
+        "base_url": controlplane,
+        "top_k": 3,
+    }
+    sel = ToolSelector({**base, "exemplars_path": str(META / "selection_dev.csv")})
+    test = load_selection(META / "selection_test.csv")  # evaluation file: never fitted on
+    queries, gold = [t["query"] for t in test], [t["tool"] for t in test]
+    ranked = sel.rank(queries, k=3)
+    accuracy = (_top_k_accuracy(ranked, gold, 1), _top_k_accuracy(ranked, gold, 3))
+    print("sample selection_test classifier (top-1, top-3):", accuracy)
+    assert accuracy[0] >= 0.8 and accuracy[1] >= 0.9, accuracy
+    scores = sel.score(queries)  # probabilities over the whole tool set
+    assert scores.shape == (len(queries), len(sel.tools)) and (scores >= 0).all()
+    assert abs(scores.sum(axis=1) - 1.0).max() < 1e-9
+    rows = sel.run([{"query": q} for q, _ in CLEAR])
+    assert sum(r["selected_tools"][0] == g for r, (_, g) in zip(rows, CLEAR, strict=True)) >= len(CLEAR) - 1
+    assert all(r["selection_source"] == "embedding" for r in rows)
+    assert all(r["selection_scores"] == sorted(r["selection_scores"], reverse=True) for r in rows)
+
+    # Exemplars teach a tool a phrasing its description does not cover; the fit is deterministic.
+    dev = tmp_path / "knitting_dev.csv"
+    lines = (META / "selection_dev.csv").read_text(encoding="utf-8").rstrip("\n").split("\n")
+    dev.write_text("\n".join(lines + [f'"{q}",PDFTool' for q in KNITTING]) + "\n", encoding="utf-8")
+    probe = "Could you help me knit a scarf? I need a wool knitting pattern"
+    plain = ToolSelector({**base, "exemplar_mode": "centroid"})  # no exemplars: descriptions only
+    assert plain.rank([probe], k=1)[0][0][0] != "PDFTool"
+    taught = ToolSelector({**base, "exemplars_path": str(dev)})
+    assert taught.rank([probe], k=1)[0][0][0] == "PDFTool"
+    again = ToolSelector({**base, "exemplars_path": str(dev)})
+    assert (again.score(queries + [probe]) == taught.score(queries + [probe])).all()
+    clone = pickle.loads(pickle.dumps(taught))
+    assert "_classifier" not in clone.__dict__
+    assert clone.rank([probe], k=1)[0][0][0] == "PDFTool"
+
+    # With holdout_fraction the held-out rows (holdout_split, same seed) are not fitted on.
+    held_cfg = {**base, "exemplars_path": str(dev), "holdout_fraction": 0.5, "seed": 3}
+    held_sel = ToolSelector(held_cfg)
+    fit_rows, held_rows = holdout_split(load_selection(dev), 0.5, seed=3)
+    assert held_sel.fitted_queries == [r["query"] for r in fit_rows]
+    assert not {r["query"] for r in held_rows} & set(held_sel.fitted_queries)
+    assert len(held_sel.fitted_queries) + len(held_rows) == len(lines) - 1 + len(KNITTING)
 
 
 def test_llm_selector_falls_back_and_says_so(controlplane: str) -> None:

@@ -68,6 +68,8 @@ SELECTORS: dict[str, dict[str, Any]] = {
     "embedding": {"method": "embedding"},
     "hybrid": {"method": "hybrid"},
     "llm": {"method": "llm"},
+    # softmax regression on embeddings + TF-IDF, fused with a kNN vote (selection.py); best on MetaTool
+    "classifier": {"method": "embedding", "exemplar_mode": "classifier", "knn_k": 50},
 }
 PLANNERS = ("retrieval", "llm")
 TIMING = ("rule", "embedding", "llm")

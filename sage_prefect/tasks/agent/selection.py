@@ -11,6 +11,17 @@
   queries per tool: ``exemplar_mode="centroid"`` mixes the similarity to the mean exemplar
   embedding of each tool in with weight ``exemplar_weight``; ``"knn"`` mixes in a vote of the
   ``knn_k`` nearest exemplar queries (similarity-weighted, per tool).
+  ``"classifier"`` replaces the similarities by a fitted model: a multinomial logistic
+  regression (softmax with a bias, L2 penalty ``classifier_l2`` on the weights added to the
+  mean cross-entropy) over the query embedding times ``classifier_embedding_scale`` joined
+  with the TF-IDF vector of its BM25 tokens (``(1 + log tf) * (1 + log((1 + n) / (1 + df)))``,
+  L2-normalised; the terms found in at least 2 fitted texts). It is fitted in torch from zero
+  weights with at most ``classifier_iterations`` full-batch L-BFGS steps (history 10, strong
+  Wolfe line search), so the same inputs give the same model. Its training rows are the
+  fitted exemplar queries plus each tool's ``"name: description"`` text, so every tool is a
+  class. The score is ``softmax(log p_classifier + knn_weight * log(vote + 1e-6))``, where
+  ``vote`` is the vote of the ``knn_k`` nearest exemplar queries (cosine), each weighted
+  ``exp((cos - 1) / knn_temperature)``, normalised to sum 1: a probability per tool.
 - ``"hybrid"``: reciprocal-rank fusion ``sum 1/(rrf_k + rank)`` of keyword and embedding ranks.
 - ``"llm"``: ask the chat model to choose among the hybrid top ``shortlist`` tools and parse
   tool names from its reply (best first). A reply naming no shortlisted tool falls back to
@@ -19,6 +30,8 @@
 Adds ``selected_tools`` (names, best first), ``selection_scores`` (the method's scores, same
 order) and ``selection_source`` (the method, or ``"fallback"``). Tool embeddings and the fit
 are computed once in ``setup()``; the query embeddings of a partition go in one request.
+The fit reads only ``*_dev`` files; with ``holdout_fraction`` it leaves out the fixed-seed
+(``seed``) part that `holdout_split` holds out, so a benchmark can score exactly those rows.
 
 >>> sel = ToolSelector({"method": "keyword", "top_k": 1, "tools": [
 ...     {"name": "WeatherTool", "description": "Weather forecasts for any city."},
@@ -46,6 +59,8 @@ from sage_prefect.tasks.base import Operator
 from sage_prefect.tasks.client import EndpointConfig, chat_text
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import numpy as np
     from openai import OpenAI
 
@@ -144,6 +159,129 @@ def embed_texts(
     return vecs / np.maximum(norms, 1e-12)
 
 
+class _Tfidf:
+    """TF-IDF over token lists: ``(1 + log tf) * idf`` with ``idf = 1 + log((1 + n) / (1 + df))``,
+    each row L2-normalised; tokens outside the fitted vocabulary are dropped."""
+
+    def __init__(self, docs: list[list[str]], min_df: int = 1) -> None:
+        import numpy as np
+
+        df: dict[str, int] = {}
+        for doc in docs:
+            for tok in set(doc):
+                df[tok] = df.get(tok, 0) + 1
+        terms = sorted(t for t, c in df.items() if c >= min_df)
+        self.vocab = {tok: j for j, tok in enumerate(terms)}
+        n = len(docs)
+        self.idf = np.asarray([1.0 + math.log((1 + n) / (1 + df[t])) for t in terms], dtype=np.float32)
+
+    def rows(self, docs: list[list[str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(row, column, value)`` arrays of the sparse matrix of ``docs`` (rows in order)."""
+        import numpy as np
+
+        rows: list[int] = []
+        cols: list[int] = []
+        vals: list[float] = []
+        for i, doc in enumerate(docs):
+            counts: dict[int, int] = {}
+            for tok in doc:
+                j = self.vocab.get(tok)
+                if j is not None:
+                    counts[j] = counts.get(j, 0) + 1
+            if not counts:
+                continue
+            js = sorted(counts)
+            w = [(1.0 + math.log(counts[j])) * float(self.idf[j]) for j in js]
+            norm = math.sqrt(sum(v * v for v in w))
+            rows.extend([i] * len(js))
+            cols.extend(js)
+            vals.extend(v / norm for v in w)
+        return (
+            np.asarray(rows, dtype=np.int64),
+            np.asarray(cols, dtype=np.int64),
+            np.asarray(vals, dtype=np.float32),
+        )
+
+
+class _SoftmaxClassifier:
+    """Multinomial logistic regression on ``[scale * embedding, TF-IDF(tokens)]``, fitted with
+    full-batch L-BFGS in torch from zero weights (deterministic); see the module docstring."""
+
+    def __init__(
+        self,
+        vecs: np.ndarray,
+        docs: list[list[str]],
+        labels: np.ndarray,
+        n_classes: int,
+        *,
+        l2: float,
+        iterations: int,
+        scale: float,
+        min_df: int = 2,
+        history: int = 10,
+    ) -> None:
+        import warnings
+
+        import numpy as np
+        import torch
+
+        self.scale = scale
+        self.tfidf = _Tfidf(docs, min_df)
+        rows, cols, vals = self.tfidf.rows(docs)
+        n, dim = vecs.shape
+        n_terms = max(len(self.tfidf.vocab), 1)
+        x = torch.from_numpy(np.ascontiguousarray(vecs, dtype=np.float32)) * scale
+        y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        at = torch.arange(n)
+        w_dense = torch.zeros(dim, n_classes)
+        w_sparse = torch.zeros(n_terms, n_classes)
+        bias = torch.zeros(n_classes)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            coo = torch.sparse_coo_tensor(
+                torch.from_numpy(np.stack([rows, cols])), torch.from_numpy(vals), (n, n_terms)
+            ).coalesce()
+            xs, xs_t = coo.to_sparse_csr(), coo.t().coalesce().to_sparse_csr()
+            opt = torch.optim.LBFGS(
+                [w_dense, w_sparse, bias],
+                lr=1.0,
+                max_iter=iterations,
+                history_size=history,
+                line_search_fn="strong_wolfe",
+                tolerance_grad=1e-6,
+                tolerance_change=1e-9,
+            )
+
+            def closure() -> torch.Tensor:
+                # Loss and gradient by hand (cheaper than autograd through the sparse product).
+                with torch.no_grad():
+                    logp = (torch.addmm(bias, x, w_dense) + xs @ w_sparse).log_softmax(dim=1)
+                    penalty = w_dense.square().sum() + w_sparse.square().sum()
+                    loss = -logp[at, y].mean() + l2 * penalty
+                    grad = logp.exp()
+                    grad[at, y] -= 1.0
+                    grad /= n
+                    w_dense.grad = x.t() @ grad + (2.0 * l2) * w_dense
+                    w_sparse.grad = xs_t @ grad + (2.0 * l2) * w_sparse
+                    bias.grad = grad.sum(dim=0)
+                return loss
+
+            opt.step(closure)
+        self.w_dense = w_dense.numpy().astype(np.float64)
+        self.w_sparse = w_sparse.numpy().astype(np.float64)
+        self.bias = bias.numpy().astype(np.float64)
+
+    def log_proba(self, vecs: np.ndarray, docs: list[list[str]]) -> np.ndarray:
+        """``(len(docs), n_classes)`` log probabilities (float64)."""
+        import numpy as np
+
+        logits = (self.scale * vecs.astype(np.float64)) @ self.w_dense + self.bias
+        rows, cols, vals = self.tfidf.rows(docs)
+        np.add.at(logits, rows, self.w_sparse[cols] * vals[:, None])
+        logits -= logits.max(axis=1, keepdims=True)
+        return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+
+
 def parse_tool_names(reply: str, names: list[str]) -> list[str]:
     """Tool names from ``names`` that occur in ``reply`` (case-insensitive, whole words), in the
     order of their first occurrence.
@@ -213,14 +351,29 @@ class ToolSelector(Operator, MapFunction):
         exemplars_path: str | None = Field(
             None, description="A *_dev selection CSV (query,tool) to fit embedding scores on"
         )
-        exemplar_mode: Literal["centroid", "knn"] = "centroid"
+        exemplar_mode: Literal["centroid", "knn", "classifier"] = Field(
+            "centroid", description="How exemplars are used: centroid, knn or classifier (see the module)"
+        )
         exemplar_weight: float = Field(0.7, ge=0.0, le=1.0, description="Weight of the exemplar score")
         max_exemplars_per_tool: int | None = Field(None, ge=1)
         holdout_fraction: float = Field(
             0.0, ge=0.0, lt=1.0, description="Fraction of the exemplar file left out of the fit (fixed seed)"
         )
         seed: int = 0
-        knn_k: int = Field(10, ge=1)
+        knn_k: int = Field(10, ge=1, description="Nearest exemplar queries that vote (knn, classifier)")
+        knn_temperature: float = Field(
+            0.02, gt=0.0, description="classifier: a neighbour's vote is exp((cos - 1) / knn_temperature)"
+        )
+        knn_weight: float = Field(
+            0.2, ge=0.0, description="classifier: weight of the log kNN vote added to the log probability"
+        )
+        classifier_l2: float = Field(
+            1e-5, gt=0.0, description="classifier: L2 penalty on the weights (per mean cross-entropy)"
+        )
+        classifier_iterations: int = Field(50, ge=1, description="classifier: L-BFGS iterations")
+        classifier_embedding_scale: float = Field(
+            1.0, gt=0.0, description="classifier: factor on the query embedding next to its TF-IDF"
+        )
         rrf_k: int = Field(60, ge=1)
         shortlist: int = Field(8, ge=1, description="Candidates the llm method chooses from")
         max_tokens: int = Field(48, ge=1)
@@ -237,7 +390,19 @@ class ToolSelector(Operator, MapFunction):
             require_dev_file(self.cfg.exemplars_path, self.name, "exemplars_path")
 
     def _runtime_attributes(self) -> tuple[str, ...]:
-        return ("_api", "_tools", "_bm25", "_tool_vecs", "_centroids", "_has_ex", "_ex_vecs", "_ex_labels")
+        return (
+            "_api",
+            "_tools",
+            "_bm25",
+            "_tool_vecs",
+            "_centroids",
+            "_has_ex",
+            "_ex_vecs",
+            "_ex_labels",
+            "_ex_queries",
+            "_classifier",
+            "_tool_texts",
+        )
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -256,13 +421,17 @@ class ToolSelector(Operator, MapFunction):
         self._ex_vecs: np.ndarray | None = None
         self._ex_labels: np.ndarray | None = None
         self._has_ex: np.ndarray | None = None
+        self._ex_queries: list[str] = []
+        self._classifier: _SoftmaxClassifier | None = None
         if cfg.method != "keyword":
             settings = load_settings()
             self._embedding_model = cfg.embedding_model or settings.embedding_model
             self._llm_model = cfg.llm_model or settings.llm_model
             self._api = client(cfg, self.name)
-            texts = [f"{' '.join(_CAMEL.sub(' ', t.name).split())}: {t.description}" for t in self._tools]
-            self._tool_vecs = self._embed(texts)
+            self._tool_texts = [
+                f"{' '.join(_CAMEL.sub(' ', t.name).split())}: {t.description}" for t in self._tools
+            ]
+            self._tool_vecs = self._embed(self._tool_texts)
             if cfg.exemplars_path is not None:
                 self._fit(np)
         self._ready = True
@@ -304,6 +473,19 @@ class ToolSelector(Operator, MapFunction):
         norms = np.linalg.norm(sums, axis=1, keepdims=True)
         self._centroids = sums / np.maximum(norms, 1e-12)
         self._has_ex = norms[:, 0] > 0
+        self._ex_queries = queries
+        if cfg.exemplar_mode == "classifier":
+            assert self._tool_vecs is not None
+            texts = queries + self._tool_texts  # each tool's own text is one more example of it
+            self._classifier = _SoftmaxClassifier(
+                np.concatenate([ex_vecs, self._tool_vecs]),
+                [tokenize(t) for t in texts],
+                np.concatenate([ex_labels, np.arange(len(self._tools), dtype=np.int64)]),
+                len(self._tools),
+                l2=cfg.classifier_l2,
+                iterations=cfg.classifier_iterations,
+                scale=cfg.classifier_embedding_scale,
+            )
 
     # -- scoring -------------------------------------------------------------------------------
     @property
@@ -311,6 +493,39 @@ class ToolSelector(Operator, MapFunction):
         """The tool set (after ``setup()``)."""
         self.ensure_setup()
         return list(self._tools)
+
+    @property
+    def fitted_queries(self) -> list[str]:
+        """The exemplar queries the selector was fitted on (after ``setup()``; empty without a fit)."""
+        self.ensure_setup()
+        return list(self._ex_queries)
+
+    def _knn_votes(self, qv: np.ndarray, weight: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """Per tool, the sum of ``weight(cos)`` over the ``knn_k`` nearest exemplar queries."""
+        import numpy as np
+
+        assert self._ex_vecs is not None and self._ex_labels is not None
+        sims = qv @ self._ex_vecs.T
+        k = min(self.cfg.knn_k, sims.shape[1])
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        votes = np.zeros((len(qv), len(self._tools)), dtype=np.float64)
+        for i in range(len(qv)):
+            np.add.at(votes[i], self._ex_labels[top[i]], weight(sims[i, top[i]].astype(np.float64)))
+        return votes
+
+    def _classifier_scores(self, queries: list[str], qv: np.ndarray) -> np.ndarray:
+        import numpy as np
+
+        assert self._classifier is not None
+        fused = self._classifier.log_proba(qv, [tokenize(q) for q in queries])
+        if self.cfg.knn_weight > 0:
+            temp = self.cfg.knn_temperature
+            votes = self._knn_votes(qv, lambda s: np.exp((s - 1.0) / temp))
+            votes /= np.maximum(votes.sum(axis=1, keepdims=True), 1e-300)
+            fused = fused + self.cfg.knn_weight * np.log(votes + 1e-6)
+        fused -= fused.max(axis=1, keepdims=True)
+        probs = np.exp(fused)
+        return probs / probs.sum(axis=1, keepdims=True)
 
     def _keyword_scores(self, queries: list[str]) -> np.ndarray:
         import numpy as np
@@ -325,18 +540,16 @@ class ToolSelector(Operator, MapFunction):
         scores = qv @ self._tool_vecs.T
         if self._ex_vecs is None or self._ex_labels is None or self._has_ex is None:
             return scores
+        if self._classifier is not None:
+            return self._classifier_scores(queries, qv)
         w = self.cfg.exemplar_weight
         if self.cfg.exemplar_mode == "centroid":
             assert self._centroids is not None
             ex = qv @ self._centroids.T
         else:
-            sims = qv @ self._ex_vecs.T
-            k = min(self.cfg.knn_k, sims.shape[1])
-            top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-            ex = np.zeros_like(scores)
-            for i in range(len(queries)):
-                np.add.at(ex[i], self._ex_labels[top[i]], np.maximum(sims[i, top[i]], 0.0))
-            ex /= k
+            ex = self._knn_votes(qv, lambda s: np.maximum(s, 0.0)).astype(scores.dtype) / min(
+                self.cfg.knn_k, len(self._ex_vecs)
+            )
         mixed = np.where(self._has_ex[None, :], (1.0 - w) * scores + w * ex, scores)
         return mixed.astype(np.float64)
 
