@@ -182,6 +182,11 @@ def _texts_per_s(load: LoadResult) -> float:
     return texts / load.duration_s if load.duration_s > 0 else math.nan
 
 
+def _ttft_ms(step: Step) -> list[float]:
+    """TTFT (ms) of a step's completed LLM requests (embedding requests have no first token)."""
+    return [r.ttft_s * 1000 for r in step.load.main if r.ttft_s is not None and r.kind != "embedding"]
+
+
 def _measure(url: str, api_key: str | None, spec: LoadSpec, setup: Setup, label: str, x: float) -> Step:
     print(f"  {label}: {spec.rate:g} req/s for {spec.duration_s or spec.num_requests} ...")
     load = run_load_sync(url, spec, api_key, progress=True)
@@ -293,12 +298,7 @@ def _log_child(
         )
         run.log_figure(
             latency_cdf(
-                {
-                    s.label: [
-                        r.ttft_s * 1000 for r in s.load.main if r.ttft_s is not None and r.kind != "embedding"
-                    ]
-                    for s in steps
-                },
+                {s.label: _ttft_ms(s) for s in steps},
                 f"{name} / {policy}: TTFT",
                 "TTFT (ms)",
                 objective=params.get("ttft_slo_ms"),
@@ -345,10 +345,7 @@ def _parent_plots(parent: BenchmarkRun, name: str, by_policy: dict[str, list[Ste
     if name == "latency":
         parent.log_figure(
             latency_cdf(
-                {
-                    p: [r.ttft_s * 1000 for r in steps[0].load.main if r.ttft_s is not None]
-                    for p, steps in by_policy.items()
-                },
+                {p: _ttft_ms(steps[0]) for p, steps in by_policy.items()},
                 "TTFT per policy",
                 "TTFT (ms)",
                 ttft_ms,
@@ -381,18 +378,8 @@ def _parent_plots(parent: BenchmarkRun, name: str, by_policy: dict[str, list[Ste
         parent.log_figure(
             latency_cdf(
                 {
-                    **{
-                        f"{p} alone": [r.ttft_s * 1000 for r in steps[0].load.main if r.ttft_s is not None]
-                        for p, steps in list(by_policy.items())[:1]
-                    },
-                    **{
-                        f"{p} beside bulk": [
-                            r.ttft_s * 1000
-                            for r in steps[2].load.main
-                            if r.ttft_s is not None and r.kind != "embedding"
-                        ]
-                        for p, steps in by_policy.items()
-                    },
+                    **{f"{p} alone": _ttft_ms(steps[0]) for p, steps in list(by_policy.items())[:1]},
+                    **{f"{p} beside bulk": _ttft_ms(steps[2]) for p, steps in by_policy.items()},
                 },
                 "interference: chat TTFT",
                 "TTFT (ms)",

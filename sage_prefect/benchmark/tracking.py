@@ -22,6 +22,7 @@ Everything goes through `mlflow.MlflowClient` with an explicit tracking URI (no 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -156,8 +157,10 @@ def _gpus() -> str:
     return ", ".join(names) if names else "none"
 
 
+@functools.cache
 def machine_info() -> dict[str, str]:
-    """The machine a benchmark ran on: platform, CPU, memory, GPUs, Python and key package versions."""
+    """The machine a benchmark ran on: platform, CPU, memory, GPUs, Python and key package versions
+    (read once per process: every run and child run logs it; callers copy the dict)."""
     import importlib.metadata
 
     try:
