@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 
 from sage_prefect.benchmark import agent
@@ -35,6 +36,7 @@ from sage_prefect.tasks.agent.data import (
     load_selection,
 )
 from sage_prefect.tasks.agent.selection import ToolSelector
+from sage_prefect.tasks.agent.timing import TimingDecider
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sage_prefect" / "examples" / "agent_sample"
 META = SAMPLE / "metatool"
@@ -432,9 +434,10 @@ def test_timing_on_the_sample(tmp_path: Path, controlplane: str) -> None:
     assert bfcl_query(load_bfcl(BFCL / "BFCL_v4_multiple.jsonl")[0]).startswith("How many Japanese yen")
 
 
-def test_timing_shortens_queries_the_embedding_model_refuses(tmp_path: Path, controlplane: str) -> None:
+def test_timing_takes_queries_longer_than_the_models_limits(tmp_path: Path, controlplane: str) -> None:
     # 980 CJK characters pass the operators' character cuts (1000; llm 2000) but are ~980 MiniLM
-    # tokens (> 256) and more than the tiny LM's 2048-token context.
+    # tokens (> 256) and more than the tiny LM's 2048-token context: the embedding request asks
+    # the control plane to cut them (truncate_prompt_tokens), the llm method falls back.
     folder = tmp_path / "bfcl"
     folder.mkdir()
     long_query = "天气" * 490
@@ -449,10 +452,22 @@ def test_timing_shortens_queries_the_embedding_model_refuses(tmp_path: Path, con
         "llm": {"method": "llm", "max_tokens": 4},
     }
     rows = evaluate_timing(META, folder, methods, base_url=controlplane)
-    for method in ("embedding", "llm"):
-        row = _one(rows, method=method, eval_file="BFCL_v4_live_irrelevance.jsonl")
-        assert row["n"] == 3 and row["shortened_inputs"] == 1, row
-    assert _one(rows, method="rule", eval_file="BFCL_v4_live_irrelevance.jsonl")["shortened_inputs"] == 0
+    for method in methods:
+        assert _one(rows, method=method, eval_file="BFCL_v4_live_irrelevance.jsonl")["n"] == 3
+    # without the truncation field the control plane refuses the query, naming it
+    refusing = TimingDecider(
+        {
+            "method": "embedding",
+            "train_path": str(META / "timing_dev.json"),
+            "truncate_inputs": False,
+            "base_url": controlplane,
+        }
+    )
+    with pytest.raises(openai.BadRequestError, match=r"input\[0\] has \d+ tokens"):
+        refusing.probabilities([long_query])
+    # a chat request over the LM's context is the llm method's fallback, not an error
+    llm = TimingDecider({"method": "llm", "max_tokens": 4, "base_url": controlplane})
+    assert llm.probabilities([long_query])[0][1] == "fallback"
 
 
 # -- the shared benchmark data -----------------------------------------------------------------------------

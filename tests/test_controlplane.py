@@ -86,6 +86,51 @@ def test_base64_encoding(server: Background, direct: object) -> None:
     np.testing.assert_allclose(vector, direct.embed(["arrow batches"])[0], atol=1e-5)  # type: ignore[attr-defined]
 
 
+def test_truncate_prompt_tokens_keeps_the_last_tokens(server: Background, direct: object) -> None:
+    # vLLM's field: -1 cuts to the model's limit, k keeps the last k tokens (specials included)
+    words = [f"word{i}" if i % 7 else "alpha" for i in range(400)]
+    long_text = " ".join(words)
+    api = client(server)
+    whole = api.embeddings.create(
+        model=EMBED_MODEL, input=[long_text, "short"], extra_body={"truncate_prompt_tokens": -1}
+    )  # type: ignore[attr-defined]
+    assert whole.usage.prompt_tokens == 256 + direct.count_tokens(["short"])[0]  # type: ignore[attr-defined]
+    np.testing.assert_allclose(whole.data[1].embedding, direct.embed(["short"])[0], atol=1e-5)  # type: ignore[attr-defined]
+    # whole words of one token each ("alpha", "the", ...): the last 8 words are the last 10 tokens less [CLS] [SEP]
+    plain = " ".join(["the", "river", "and", "alpha", "city"] * 40)
+    assert direct.count_tokens([plain])[0] == 202  # type: ignore[attr-defined]
+    cut = api.embeddings.create(model=EMBED_MODEL, input=plain, extra_body={"truncate_prompt_tokens": 10})  # type: ignore[attr-defined]
+    assert cut.usage.prompt_tokens == 10
+    tail = " ".join(plain.split()[-8:])
+    np.testing.assert_allclose(cut.data[0].embedding, direct.embed([tail])[0], atol=1e-5)  # type: ignore[attr-defined]
+    # inputs within k are left alone
+    same = api.embeddings.create(
+        model=EMBED_MODEL, input="Prefect runs flows", extra_body={"truncate_prompt_tokens": 64}
+    )  # type: ignore[attr-defined]
+    np.testing.assert_allclose(same.data[0].embedding, direct.embed(["Prefect runs flows"])[0], atol=1e-5)  # type: ignore[attr-defined]
+
+
+def test_truncation_cuts_inside_words_until_the_text_fits(direct: object) -> None:
+    # WordPiece continuations: a cut at "##piece" re-tokenises as a word start, maybe longer
+    text = " ".join(["unbelievably", "tokenization", "heterogeneous", "antidisestablishmentarianism"] * 30)
+    for keep in (5, 17, 64, 255):
+        (cut,) = direct.truncate([text], keep)  # type: ignore[attr-defined]
+        assert text.endswith(cut) and cut
+        assert direct.count_tokens([cut])[0] <= keep  # type: ignore[attr-defined]
+
+
+def test_upstream_engine_truncates_by_its_own_token_estimate() -> None:
+    from sage_prefect.controlplane.engines.openai_upstream import OpenAIEmbeddingEngine
+
+    engine = OpenAIEmbeddingEngine("http://127.0.0.1:9/v1", model="m", max_input_tokens=16)
+    try:
+        cut, short = engine.truncate(["abcd" * 30, "abcd"], 16)
+        assert (cut, short) == ("abcd" * 16, "abcd")
+        assert engine.count_tokens([cut]) == [16]
+    finally:
+        engine.close()
+
+
 def _metric(text: str, name: str) -> float:
     return sample_sum(text, name) or 0.0
 
@@ -166,6 +211,20 @@ BAD_REQUESTS = [
     ({"model": EMBED_MODEL, "input": ["x"] * 9}, 400, "input", "at most 8"),
     ({"model": EMBED_MODEL, "input": "word " * 400}, 400, "input[0]", "tokens; the maximum"),
     ({"model": EMBED_MODEL, "input": "x", "encoding_format": "hex"}, 400, "encoding_format", "float"),
+    ({"model": EMBED_MODEL, "input": "x", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens", "-1"),
+    ({"model": EMBED_MODEL, "input": "x", "truncate_prompt_tokens": -2}, 400, "truncate_prompt_tokens", "-1"),
+    (
+        {"model": EMBED_MODEL, "input": "x", "truncate_prompt_tokens": True},
+        400,
+        "truncate_prompt_tokens",
+        "-1",
+    ),
+    (
+        {"model": EMBED_MODEL, "input": "x", "truncate_prompt_tokens": 9999},
+        400,
+        "truncate_prompt_tokens",
+        "limit of 256",
+    ),
     ({"model": EMBED_MODEL, "input": "x", "priority": "high"}, 400, "priority", "integer"),
     ({"model": EMBED_MODEL, "input": "x", "slo_class": "gold"}, 400, "slo_class", "unknown SLO class"),
     ({"model": "no-such-model", "input": "x"}, 404, None, "does not exist"),

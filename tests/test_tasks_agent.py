@@ -463,6 +463,11 @@ def test_planner_falls_back_to_retrieval_with_valid_plans(controlplane: str) -> 
     )
     row = retrieval.run({"query": multi[0]["query"]})
     assert row["plan_source"] == "retrieval" and row["plan_error"] is None
+
+    # a query over both models' limits: the embedding request is cut by the control plane, the
+    # chat request is refused as too long and the plan falls back to retrieval, saying why
+    long_row = planner.run({"query": "天气" * 1200})
+    assert long_row["plan_source"] == "retrieval" and "tokens" in long_row["plan_error"], long_row
     assert 1 <= len(row["plan"]) <= 2 and json.loads(row["plan"][0]["arguments"]) == {}
 
     reg = ToolRegistry.from_bfcl(load_bfcl(BFCL / "BFCL_v4_multiple.jsonl")[0]["function"])

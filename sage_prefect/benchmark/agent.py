@@ -29,9 +29,9 @@ into MLflow-safe metric keys such as ``selection.metatool.selection_dev_holdout.
 
 A folder lacking a kind of file yields no rows for it; a malformed file raises the loaders'
 `DataFormatError` naming the file (and line). ``limit`` scores a fixed-seed random subset of
-each evaluation set, named in ``eval_file`` (``...; random 200 of 2886, seed 0]``). Timing rows
-count ``shortened_inputs``: queries a model refused as too long (the operators cut texts by
-characters, the models count tokens), halved until accepted.
+each evaluation set, named in ``eval_file`` (``...; random 200 of 2886, seed 0]``). Inputs
+longer than a model takes are the operators' business: the embedding requests ask the control
+plane to cut them to the model's token limit, and the llm methods fall back on them.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-import openai
 
 from sage_prefect.tasks.agent.data import (
     DataFormatError,
@@ -891,7 +890,7 @@ def evaluate_timing(
         deciders[label] = TimingDecider(cfg)
 
     rows: list[dict[str, Any]] = []
-    combined: dict[str, tuple[list[bool], list[bool], list[str], float, int]] = {}
+    combined: dict[str, tuple[list[bool], list[bool], list[str], float]] = {}
     for dataset, target, gold in targets:
         queries = [it["query"] if "needs_tool" in it else bfcl_query(it) for it in target.items]
         for label, decider in deciders.items():
@@ -899,99 +898,24 @@ def evaluate_timing(
             decider.ensure_setup()
             setup_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            results, shortened = _probabilities(decider, queries)
+            results = decider.probabilities(queries)
             seconds = time.perf_counter() - t0
             predicted = [p > decider.cfg.threshold for p, _ in results]
             sources = [s for _, s in results]
             row = _timing_row(dataset, target.label, label, decider, predicted, gold, sources, seconds)
-            row.update(shortened_inputs=shortened, setup_seconds=setup_s, fitted_on=_timing_fit(decider))
+            row.update(setup_seconds=setup_s, fitted_on=_timing_fit(decider))
             rows.append(row)
             if any(target is t for _, t, _ in bfcl_targets):
-                prev = combined.get(label, ([], [], [], 0.0, 0))
-                combined[label] = (
-                    prev[0] + predicted,
-                    prev[1] + gold,
-                    prev[2] + sources,
-                    prev[3] + seconds,
-                    prev[4] + shortened,
-                )
+                prev = combined.get(label, ([], [], [], 0.0))
+                combined[label] = (prev[0] + predicted, prev[1] + gold, prev[2] + sources, prev[3] + seconds)
     if len(bfcl_targets) > 1:
         name = "combined[" + ", ".join(t.label for _, t, _ in bfcl_targets) + "]"
-        for label, (predicted, gold, sources, seconds, shortened) in combined.items():
+        for label, (predicted, gold, sources, seconds) in combined.items():
             decider = deciders[label]
             row = _timing_row(bfcl_targets[0][0], name, label, decider, predicted, gold, sources, seconds)
-            row.update(shortened_inputs=shortened, setup_seconds=0.0, fitted_on=_timing_fit(decider))
+            row.update(setup_seconds=0.0, fitted_on=_timing_fit(decider))
             rows.append(row)
     return rows
-
-
-def _too_long(exc: Exception) -> bool:
-    """Whether the control plane refused an input as longer than the model takes."""
-    if not isinstance(exc, openai.BadRequestError):
-        return False
-    text = str(exc).lower()
-    return exc.code == "context_length_exceeded" or (
-        "tokens" in text and any(w in text for w in ("maximum", "context", "shorten"))
-    )
-
-
-def _cut(decider: TimingDecider, text: str) -> str:
-    """``text`` cut to half of what the decider sends (the llm method sends ``2 * max_chars``)."""
-    sent = decider.cfg.max_chars * (2 if decider.cfg.method == "llm" else 1)
-    return text[: min(len(text), sent) // 2]
-
-
-def _probability(decider: TimingDecider, query: str) -> tuple[tuple[float, str], bool]:
-    """One query's result, halving the query while the model refuses it as too long."""
-    text, shortened = query, False
-    while True:
-        try:
-            return decider.probabilities([text])[0], shortened
-        except openai.BadRequestError as exc:
-            if not _too_long(exc) or len(text) <= 16:
-                raise
-            text, shortened = _cut(decider, text), True
-
-
-def _probabilities(
-    decider: TimingDecider, queries: list[str], chunk: int = 128
-) -> tuple[list[tuple[float, str]], int]:
-    """``decider.probabilities(queries)``, robust to inputs the model refuses as too long.
-
-    The operators cut texts by characters and the model counts tokens, so a few texts (code,
-    CJK) pass the cut and are refused (``context_length_exceeded``). Such a query is cut to
-    half its length until accepted. The llm method goes query by query (``concurrency`` at a
-    time, as the operator does); the others in chunks, retrying a chunk with the query the
-    error names cut. Returns the results and how many queries were shortened.
-    """
-    if decider.cfg.method == "llm":
-        workers = max(1, min(decider.cfg.concurrency, len(queries)))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(lambda q: _probability(decider, q), queries))
-        return [r for r, _ in results], sum(1 for _, s in results if s)
-    out: list[tuple[float, str]] = []
-    shortened: set[int] = set()
-    for start in range(0, len(queries), chunk):
-        part = list(queries[start : start + chunk])
-        while True:
-            try:
-                out.extend(decider.probabilities(part))
-                break
-            except openai.BadRequestError as exc:
-                if not _too_long(exc):
-                    raise
-                m = re.fullmatch(r"input\[(\d+)\]", str(exc.param or ""))
-                if m is None or int(m.group(1)) >= len(part):  # no index: one query at a time
-                    singles = [_probability(decider, q) for q in part]
-                    out.extend(r for r, _ in singles)
-                    shortened.update(start + i for i, (_, s) in enumerate(singles) if s)
-                    break
-                i = int(m.group(1))
-                if len(part[i]) <= 16:
-                    raise
-                part[i] = _cut(decider, part[i])
-                shortened.add(start + i)
-    return out, len(shortened)
 
 
 def _timing_row(

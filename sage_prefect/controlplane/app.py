@@ -232,6 +232,12 @@ def create_app(config: ControlPlaneConfig, plane: ControlPlane | None = None) ->
             raise APIError(
                 400, f"encoding_format must be 'float' or 'base64', got {fmt!r}", param="encoding_format"
             )
+        keep = _truncation(body.get("truncate_prompt_tokens"), engine.max_input_tokens)
+        if keep is not None:
+            try:
+                texts = engine.truncate(texts, keep)
+            except NotImplementedError as exc:
+                raise APIError(400, f"{exc} (model {name})", param="truncate_prompt_tokens") from None
         tokens = engine.count_tokens(texts)
         for i, n in enumerate(tokens):
             if n > engine.max_input_tokens:
@@ -323,6 +329,26 @@ def create_app(config: ControlPlaneConfig, plane: ControlPlane | None = None) ->
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_route("/v1/completions", completions, methods=["POST"])
     return app
+
+
+def _truncation(value: Any, limit: int) -> int | None:
+    """vLLM's ``truncate_prompt_tokens``: ``None`` keeps inputs whole (an over-long one is a
+    400), ``-1`` cuts each input to the model's limit, ``k`` to its last ``k`` tokens."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < -1 or value == 0:
+        raise APIError(
+            400,
+            f"truncate_prompt_tokens must be -1 (the model's limit) or a positive integer, got {value!r}",
+            param="truncate_prompt_tokens",
+        )
+    if value > limit:
+        raise APIError(
+            400,
+            f"truncate_prompt_tokens is {value}, more than the model's limit of {limit} tokens",
+            param="truncate_prompt_tokens",
+        )
+    return limit if value == -1 else value
 
 
 def _embedding_inputs(value: Any, max_inputs: int) -> list[str]:

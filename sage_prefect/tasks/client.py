@@ -21,7 +21,7 @@ from sage_prefect.tasks.base import OperatorConfig
 if TYPE_CHECKING:
     from openai import AsyncOpenAI, OpenAI
 
-__all__ = ["EndpointConfig", "async_client", "client", "resolve_endpoint"]
+__all__ = ["EndpointConfig", "async_client", "client", "is_context_length_error", "resolve_endpoint"]
 
 
 class EndpointConfig(OperatorConfig):
@@ -92,3 +92,16 @@ def chat_text(
         temperature=temperature,
     )
     return resp.choices[0].message.content or ""
+
+
+def is_context_length_error(exc: BaseException) -> bool:
+    """Whether an endpoint refused a request as longer than its model takes: a 400 with
+    OpenAI's ``context_length_exceeded`` code, or the wording the control plane and vLLM use."""
+    from openai import BadRequestError
+
+    if not isinstance(exc, BadRequestError):
+        return False
+    if exc.code == "context_length_exceeded":
+        return True
+    text = str(exc).lower()
+    return "tokens" in text and any(w in text for w in ("maximum", "context", "shorten"))

@@ -76,6 +76,11 @@ class EmbeddingEngine(abc.ABC):
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens per text as the model counts them (for budgets and usage)."""
 
+    def truncate(self, texts: list[str], keep: int) -> list[str]:
+        """Each text cut to its last ``keep`` tokens, special tokens included (vLLM's
+        ``truncate_prompt_tokens``: left truncation); texts within ``keep`` unchanged."""
+        raise NotImplementedError(f"{type(self).__name__} cannot truncate inputs")
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release models, threads, connections."""
 

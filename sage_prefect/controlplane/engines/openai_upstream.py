@@ -270,5 +270,10 @@ class OpenAIEmbeddingEngine(_Upstream, EmbeddingEngine):
     def count_tokens(self, texts: list[str]) -> list[int]:
         return [max(1, len(t) // 4) for t in texts]
 
+    def truncate(self, texts: list[str], keep: int) -> list[str]:
+        # The upstream's tokenizer is not here: cut by the same 4-characters-per-token estimate
+        # that `count_tokens` uses for budgets (the gateway's limit check then agrees with it).
+        return [t if len(t) // 4 <= keep else t[-4 * keep :] for t in texts]
+
     def close(self) -> None:
         self.sync_client.close()

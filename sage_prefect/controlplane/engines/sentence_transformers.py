@@ -145,3 +145,37 @@ class SentenceTransformerEngine(EmbeddingEngine):
         with self._lock:
             ids = self.model.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
         return [len(i) for i in ids]
+
+    def truncate(self, texts: list[str], keep: int) -> list[str]:
+        # Cut at a token's character offset. A cut inside a word (a WordPiece continuation) can
+        # re-tokenise into more tokens, so each cut text is counted again and cut tighter until
+        # it fits; the model's special tokens count towards ``keep``.
+        room = max(1, keep - self.count_tokens([""])[0])
+        out = list(texts)
+        todo = [i for i, n in enumerate(self.count_tokens(out)) if n > keep]
+        rooms = dict.fromkeys(todo, room)
+        while todo:
+            offsets = self._offsets([out[i] for i in todo])
+            for i, o in zip(todo, offsets, strict=True):
+                out[i] = out[i][o[-rooms[i]][0] :] if len(o) > rooms[i] else out[i]
+            over = [
+                (i, n)
+                for i, n in zip(todo, self.count_tokens([out[i] for i in todo]), strict=True)
+                if n > keep and rooms[i] > 1
+            ]
+            for i, n in over:
+                rooms[i] = max(1, rooms[i] - (n - keep))
+            todo = [i for i, _ in over]
+        return out
+
+    def _offsets(self, texts: list[str]) -> list[list[tuple[int, int]]]:
+        """Character spans of each text's tokens, without special tokens."""
+        if self._counter is not None:
+            with self._counter_lock:
+                encoded = self._counter.encode_batch(texts, add_special_tokens=False)
+            return [list(e.offsets) for e in encoded]
+        with self._lock:
+            mapping = self.model.tokenizer(
+                texts, add_special_tokens=False, truncation=False, return_offsets_mapping=True
+            )["offset_mapping"]
+        return [list(m) for m in mapping]

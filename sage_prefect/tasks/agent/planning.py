@@ -28,7 +28,7 @@ from sage_prefect.common.records import with_columns
 from sage_prefect.tasks.agent.registry import ToolArgumentError, ToolRegistry, UnknownToolError
 from sage_prefect.tasks.agent.selection import ToolSelector, load_tool_specs
 from sage_prefect.tasks.base import Operator
-from sage_prefect.tasks.client import EndpointConfig, chat_text
+from sage_prefect.tasks.client import EndpointConfig, chat_text, is_context_length_error
 
 if TYPE_CHECKING:
     from openai import OpenAI
@@ -185,7 +185,11 @@ class Planner(Operator, MapFunction):
             return self.retrieval_plan(ranked), "retrieval", None
         try:
             return self._ask(query, ranked), "llm", None
-        except (ValueError, UnknownToolError, ToolArgumentError) as exc:
+        except Exception as exc:
+            # an unusable reply, or a request longer than the chat model takes
+            refused = isinstance(exc, (ValueError, UnknownToolError, ToolArgumentError))
+            if not refused and not is_context_length_error(exc):
+                raise
             reason = re.sub(r"\s+", " ", str(exc))[:300]
             return self.retrieval_plan(ranked), "retrieval", reason
 

@@ -56,7 +56,7 @@ from sage_prefect.common.records import with_columns
 from sage_prefect.tasks.agent.data import holdout_split, load_selection, require_dev_file
 from sage_prefect.tasks.agent.registry import Tool, tools_from_metatool
 from sage_prefect.tasks.base import Operator
-from sage_prefect.tasks.client import EndpointConfig, chat_text
+from sage_prefect.tasks.client import EndpointConfig, chat_text, is_context_length_error
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -140,17 +140,26 @@ class BM25:
 
 
 def embed_texts(
-    api: OpenAI, model: str, texts: list[str], max_chars: int = 1000, chunk: int = 1024
+    api: OpenAI,
+    model: str,
+    texts: list[str],
+    max_chars: int = 1000,
+    chunk: int = 1024,
+    truncate: bool = True,
 ) -> np.ndarray:
     """L2-normalised embeddings of ``texts`` (float32, one row each) from an OpenAI-compatible
-    ``/embeddings`` endpoint; texts are cut to ``max_chars`` characters (the embedding model's
-    input limit) and empty texts sent as ``"."``; at most ``chunk`` inputs per request."""
+    ``/embeddings`` endpoint; texts are cut to their first ``max_chars`` characters and empty
+    texts sent as ``"."``; at most ``chunk`` inputs per request. With ``truncate`` the request
+    carries vLLM's ``truncate_prompt_tokens: -1`` (the control plane and vLLM accept it), so a
+    text still longer than the model's token limit is cut to its last tokens there instead of
+    refused; turn it off for endpoints that reject unknown fields (api.openai.com)."""
     import numpy as np
 
     cleaned = [(t or "").strip()[:max_chars] or "." for t in texts]
+    extra = {"truncate_prompt_tokens": -1} if truncate else None
     rows: list[list[float]] = []
     for start in range(0, len(cleaned), chunk):
-        resp = api.embeddings.create(model=model, input=cleaned[start : start + chunk])
+        resp = api.embeddings.create(model=model, input=cleaned[start : start + chunk], extra_body=extra)
         rows.extend(d.embedding for d in sorted(resp.data, key=lambda d: d.index))
     if not rows:
         return np.zeros((0, 0), dtype=np.float32)
@@ -379,6 +388,11 @@ class ToolSelector(Operator, MapFunction):
         max_tokens: int = Field(48, ge=1)
         temperature: float = Field(0.0, ge=0.0)
         max_chars: int = Field(1000, ge=16, description="Characters of a text sent to the embedding model")
+        truncate_inputs: bool = Field(
+            True,
+            description="Ask the endpoint to cut texts over the embedding model's token limit "
+            "(vLLM's truncate_prompt_tokens); off for endpoints that reject unknown fields",
+        )
         concurrency: int = Field(8, ge=1, description="Parallel chat requests per partition (llm)")
 
     def __init__(self, config: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -438,7 +452,9 @@ class ToolSelector(Operator, MapFunction):
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         assert self._api is not None
-        return embed_texts(self._api, self._embedding_model, texts, self.cfg.max_chars)
+        return embed_texts(
+            self._api, self._embedding_model, texts, self.cfg.max_chars, truncate=self.cfg.truncate_inputs
+        )
 
     def _fit(self, np: Any) -> None:
         cfg = self.cfg
@@ -607,7 +623,12 @@ class ToolSelector(Operator, MapFunction):
                 "content": f"Tools:\n{listing}\n\nRequest: {query[: self.cfg.max_chars * 2]}\nTools:",
             },
         ]
-        reply = chat_text(self._api, self._llm_model, messages, self.cfg.max_tokens, self.cfg.temperature)
+        try:
+            reply = chat_text(self._api, self._llm_model, messages, self.cfg.max_tokens, self.cfg.temperature)
+        except Exception as exc:
+            if is_context_length_error(exc):  # the request is longer than the chat model takes
+                return shortlist, "fallback"
+            raise
         picked = parse_tool_names(reply, [name for name, _ in shortlist])
         if not picked:
             return shortlist, "fallback"

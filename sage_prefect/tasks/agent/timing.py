@@ -42,7 +42,7 @@ from sage_prefect.common.records import with_columns
 from sage_prefect.tasks.agent.data import holdout_split, load_timing, require_dev_file
 from sage_prefect.tasks.agent.selection import embed_texts
 from sage_prefect.tasks.base import Operator
-from sage_prefect.tasks.client import EndpointConfig, chat_text
+from sage_prefect.tasks.client import EndpointConfig, chat_text, is_context_length_error
 
 if TYPE_CHECKING:
     import numpy as np
@@ -194,6 +194,11 @@ class TimingDecider(Operator, MapFunction):
         max_tokens: int = Field(8, ge=1)
         temperature: float = Field(0.0, ge=0.0)
         max_chars: int = Field(1000, ge=16)
+        truncate_inputs: bool = Field(
+            True,
+            description="Ask the endpoint to cut texts over the embedding model's token limit "
+            "(vLLM's truncate_prompt_tokens); off for endpoints that reject unknown fields",
+        )
         concurrency: int = Field(8, ge=1)
 
     def __init__(self, config: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -241,7 +246,13 @@ class TimingDecider(Operator, MapFunction):
                 operator=self.name,
                 field="train_path",
             )
-        x = embed_texts(self._api, self._embedding_model, [it["query"] for it in items], self.cfg.max_chars)
+        x = embed_texts(
+            self._api,
+            self._embedding_model,
+            [it["query"] for it in items],
+            self.cfg.max_chars,
+            truncate=self.cfg.truncate_inputs,
+        )
         self._weights, self._bias = _fit_logistic(x.astype(np.float64), labels, self.cfg.l2)
 
     def probabilities(self, queries: list[str]) -> list[tuple[float, str]]:
@@ -256,7 +267,13 @@ class TimingDecider(Operator, MapFunction):
         assert self._api is not None
         if method == "embedding":
             assert self._weights is not None
-            x = embed_texts(self._api, self._embedding_model, queries, self.cfg.max_chars).astype(np.float64)
+            x = embed_texts(
+                self._api,
+                self._embedding_model,
+                queries,
+                self.cfg.max_chars,
+                truncate=self.cfg.truncate_inputs,
+            ).astype(np.float64)
             z = x @ self._weights + self._bias
             return [(float(p), "embedding") for p in 1.0 / (1.0 + np.exp(-z))]
         with ThreadPoolExecutor(max_workers=min(self.cfg.concurrency, max(1, len(queries)))) as pool:
@@ -273,7 +290,12 @@ class TimingDecider(Operator, MapFunction):
             },
             {"role": "user", "content": query[: self.cfg.max_chars * 2]},
         ]
-        reply = chat_text(self._api, self._llm_model, messages, self.cfg.max_tokens, self.cfg.temperature)
+        try:
+            reply = chat_text(self._api, self._llm_model, messages, self.cfg.max_tokens, self.cfg.temperature)
+        except Exception as exc:
+            if is_context_length_error(exc):  # the request is longer than the chat model takes
+                return _sigmoid(rule_score(query)), "fallback"
+            raise
         answer = parse_yes_no(reply)
         if answer is None:
             return _sigmoid(rule_score(query)), "fallback"
