@@ -32,17 +32,18 @@ from sage_prefect.data import replace_table
 from sage_prefect.examples import AGENT_SAMPLE_DIR
 from sage_prefect.kernel import environment_from_settings
 from sage_prefect.tasks import CSVSource, JSONLSource, LanceSink, Planner, TimingDecider, ToolSelector
+from sage_prefect.tasks.agent.data import agent_data_folders
 
 
 def metatool_dir(data_dir: str | None) -> Path:
     """The folder holding ``tools.json``: ``data_dir`` itself or its ``metatool/`` subfolder."""
     root = Path(data_dir).expanduser().resolve() if data_dir else AGENT_SAMPLE_DIR
-    for candidate in (root, root / "metatool"):
-        if (candidate / "tools.json").is_file():
-            return candidate
-    raise ConfigError(
-        f"agent_tools: no tools.json in {root} or {root / 'metatool'}", field="data_dir", file=str(root)
-    )
+    metatool, _bfcl = agent_data_folders(root, "agent_tools")
+    if metatool is None:
+        raise ConfigError(
+            f"agent_tools: no tools.json in {root} or {root / 'metatool'}", field="data_dir", file=str(root)
+        )
+    return metatool
 
 
 def default_queries(folder: Path) -> Path:

@@ -18,6 +18,7 @@ from conftest import SHARED_DATA
 from sage_prefect.common.errors import ConfigError, RecordError
 from sage_prefect.tasks.agent.data import (
     DataFormatError,
+    agent_data_folders,
     bfcl_answer_path,
     holdout_split,
     is_dev_file,
@@ -163,6 +164,17 @@ def _error(loader: Any, path: Path, *args: Any) -> DataFormatError:
     assert exc.value.file == str(path)
     assert str(path) in str(exc.value)
     return exc.value
+
+
+def test_agent_data_folders_find_both_layouts(tmp_path: Path) -> None:
+    assert agent_data_folders(SAMPLE, "t") == (META, BFCL)  # metatool/ and bfcl/ subfolders
+    assert agent_data_folders(META, "t") == (META, None)  # a MetaTool folder itself
+    assert agent_data_folders(BFCL, "t") == (None, BFCL)  # a BFCL folder itself
+    with pytest.raises(ConfigError, match=r"who: .* holds neither MetaTool data") as exc:
+        agent_data_folders(tmp_path, "who")
+    assert exc.value.field == "data_dir"
+    with pytest.raises(ConfigError, match="is not a directory"):
+        agent_data_folders(tmp_path / "missing", "who")
 
 
 def test_loader_errors_name_file_and_line(tmp_path: Path) -> None:

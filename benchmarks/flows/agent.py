@@ -58,6 +58,7 @@ from sage_prefect.common.errors import ConfigError
 from sage_prefect.common.settings import command_line_defaults, load_settings
 from sage_prefect.controlplane.server import connect_or_start
 from sage_prefect.examples import AGENT_SAMPLE_DIR
+from sage_prefect.tasks.agent.data import agent_data_folders
 
 TASKS = ("selection", "bfcl_selection", "planning", "timing")
 
@@ -83,26 +84,7 @@ PLOTTED = {
 def data_folders(data_dir: str | None) -> tuple[Path | None, Path | None]:
     """(MetaTool folder, BFCL folder) under ``data_dir`` (default: the shipped sample)."""
     root = Path(data_dir).expanduser().resolve() if data_dir else AGENT_SAMPLE_DIR
-    if not root.is_dir():
-        raise ConfigError(
-            f"agent benchmark: data_dir {root} is not a directory", field="data_dir", file=str(root)
-        )
-    if (root / "tools.json").is_file():
-        return root, None
-    if any(root.glob("BFCL_v4_*.jsonl")):
-        return None, root
-    metatool = root / "metatool" if (root / "metatool" / "tools.json").is_file() else None
-    bfcl = (
-        root / "bfcl" if (root / "bfcl").is_dir() and any((root / "bfcl").glob("BFCL_v4_*.jsonl")) else None
-    )
-    if metatool is None and bfcl is None:
-        raise ConfigError(
-            f"agent benchmark: {root} holds neither MetaTool data (tools.json) nor BFCL data "
-            "(BFCL_v4_*.jsonl), directly or in metatool/ and bfcl/ (see ../shared/data/README.md)",
-            field="data_dir",
-            file=str(root),
-        )
-    return metatool, bfcl
+    return agent_data_folders(root, "agent benchmark")
 
 
 def _choose(kind: str, asked: list[str] | None, known: Any) -> list[str]:

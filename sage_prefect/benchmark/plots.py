@@ -45,7 +45,9 @@ def latency_cdf(
             continue
         ax.step(data, np.arange(1, data.size + 1) / data.size, where="post", label=f"{label} (n={data.size})")
     if objective is not None:
-        ax.axvline(objective, color="grey", linestyle="--", linewidth=1, label=f"objective {objective:.4g} ms")
+        ax.axvline(
+            objective, color="grey", linestyle="--", linewidth=1, label=f"objective {objective:.4g} ms"
+        )
     if log_x:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)

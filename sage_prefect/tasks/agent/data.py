@@ -34,6 +34,7 @@ from sage_prefect.common.errors import ConfigError, SageError
 
 __all__ = [
     "DataFormatError",
+    "agent_data_folders",
     "bfcl_answer_path",
     "holdout_split",
     "is_dev_file",
@@ -290,6 +291,31 @@ def bfcl_answer_path(question_path: str | Path) -> Path | None:
 def is_dev_file(path: str | Path) -> bool:
     """Whether ``path`` is a development file (stem ends in ``_dev``): fitting and tuning allowed."""
     return Path(path).stem.endswith("_dev")
+
+
+def agent_data_folders(root: Path, who: str) -> tuple[Path | None, Path | None]:
+    """``(MetaTool folder, BFCL folder)`` of ``root`` as laid out in ``../shared/data/README.md``:
+    ``root`` itself when it holds ``tools.json`` or ``BFCL_v4_*.jsonl`` files, else its
+    ``metatool/`` and ``bfcl/`` subfolders; a `ConfigError` naming ``who`` when neither is there."""
+    if not root.is_dir():
+        raise ConfigError(f"{who}: data_dir {root} is not a directory", field="data_dir", file=str(root))
+    if (root / "tools.json").is_file():
+        return root, None
+    if any(root.glob("BFCL_v4_*.jsonl")):
+        return None, root
+    metatool, bfcl = root / "metatool", root / "bfcl"
+    found = (
+        metatool if (metatool / "tools.json").is_file() else None,
+        bfcl if bfcl.is_dir() and any(bfcl.glob("BFCL_v4_*.jsonl")) else None,
+    )
+    if found == (None, None):
+        raise ConfigError(
+            f"{who}: {root} holds neither MetaTool data (tools.json) nor BFCL data "
+            "(BFCL_v4_*.jsonl), directly or in metatool/ and bfcl/ (see ../shared/data/README.md)",
+            field="data_dir",
+            file=str(root),
+        )
+    return found
 
 
 def require_dev_file(path: str | Path, operator: str, field: str) -> Path:
