@@ -233,12 +233,15 @@ def create_app(config: ControlPlaneConfig, plane: ControlPlane | None = None) ->
                 400, f"encoding_format must be 'float' or 'base64', got {fmt!r}", param="encoding_format"
             )
         keep = _truncation(body.get("truncate_prompt_tokens"), engine.max_input_tokens)
-        if keep is not None:
+        tokens = engine.count_tokens(texts)
+        # only the inputs over ``keep`` are cut, and counted again
+        if keep is not None and (over := [i for i, n in enumerate(tokens) if n > keep]):
             try:
-                texts = engine.truncate(texts, keep)
+                cut = engine.truncate([texts[i] for i in over], keep)
             except NotImplementedError as exc:
                 raise APIError(400, f"{exc} (model {name})", param="truncate_prompt_tokens") from None
-        tokens = engine.count_tokens(texts)
+            for i, text, n in zip(over, cut, engine.count_tokens(cut), strict=True):
+                texts[i], tokens[i] = text, n
         for i, n in enumerate(tokens):
             if n > engine.max_input_tokens:
                 raise APIError(

@@ -14,6 +14,7 @@ holding back whole batches could not (`config.ControlPlaneConfig` sets it under 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -150,7 +151,7 @@ class SentenceTransformerEngine(EmbeddingEngine):
         # Cut at a token's character offset. A cut inside a word (a WordPiece continuation) can
         # re-tokenise into more tokens, so each cut text is counted again and cut tighter until
         # it fits; the model's special tokens count towards ``keep``.
-        room = max(1, keep - self.count_tokens([""])[0])
+        room = max(1, keep - self._special_tokens)
         out = list(texts)
         todo = [i for i, n in enumerate(self.count_tokens(out)) if n > keep]
         rooms = dict.fromkeys(todo, room)
@@ -167,6 +168,11 @@ class SentenceTransformerEngine(EmbeddingEngine):
                 rooms[i] = max(1, rooms[i] - (n - keep))
             todo = [i for i, _ in over]
         return out
+
+    @functools.cached_property
+    def _special_tokens(self) -> int:
+        """Tokens the model adds to every input ([CLS], [SEP], ...)."""
+        return self.count_tokens([""])[0]
 
     def _offsets(self, texts: list[str]) -> list[list[tuple[int, int]]]:
         """Character spans of each text's tokens, without special tokens."""
