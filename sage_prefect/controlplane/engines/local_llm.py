@@ -205,7 +205,11 @@ class TransformersLLMEngine(LLMEngine):
         )
         self._model.to(self._device)
         self._model.eval()
-        self._logits_to_keep = "logits_to_keep" in inspect.signature(self._model.forward).parameters
+        forward_params = inspect.signature(self._model.forward).parameters
+        self._logits_to_keep = "logits_to_keep" in forward_params
+        # transformers 5.24 renamed the forward's ``past_key_values`` to ``cache`` (the old name
+        # warns, and goes in 5.40); earlier releases only know the old one
+        self._cache_kw = "cache" if "cache" in forward_params else "past_key_values"
 
         config = self._model.config
         self.path = path
@@ -463,8 +467,8 @@ class TransformersLLMEngine(LLMEngine):
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
+            **{self._cache_kw: cache},
             **kwargs,
         )
         self.prefill_batch_sizes[len(seqs)] += 1
@@ -529,10 +533,9 @@ class TransformersLLMEngine(LLMEngine):
             input_ids=ids,
             attention_mask=self._mask,
             position_ids=positions,
-            past_key_values=self._cache,
             use_cache=True,
-        )
-        self._cache = out.past_key_values
+            **{self._cache_kw: self._cache},
+        )  # the DynamicCache grows in place
         self.step_batch_sizes[len(rows)] += 1
         tokens = self._sample(out.logits[:, -1, :], rows)
         for seq, token in zip(rows, tokens, strict=True):
