@@ -28,6 +28,12 @@ from sage_prefect.controlplane.auth import KeyRing, RateLimiter
 from sage_prefect.controlplane.config import ControlPlaneConfig
 from sage_prefect.controlplane.engines.base import GenerationRequest, UpstreamError
 from sage_prefect.controlplane.service import ControlPlane, ServiceError
+from sage_prefect.controlplane.structured import (
+    InvalidRequest,
+    check_response_format,
+    check_tool_choice,
+    check_tools,
+)
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -201,7 +207,7 @@ def create_app(config: ControlPlaneConfig, plane: ControlPlane | None = None) ->
         except UpstreamError as exc:
             raise APIError(exc.status, str(exc)) from None
         except ValueError as exc:
-            raise APIError(400, str(exc)) from None
+            raise APIError(400, str(exc), param=getattr(exc, "param", None)) from None
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -263,7 +269,10 @@ def create_app(config: ControlPlaneConfig, plane: ControlPlane | None = None) ->
         who = caller(request, body)
         name = require_model(body)
         engine = plane.llm_engine(name)
-        greq = _generation_request(body, chat, engine, config)
+        try:
+            greq = _generation_request(body, chat, engine, config)
+        except InvalidRequest as exc:
+            raise APIError(400, str(exc), param=exc.param) from None
         greq.priority = who.priority
         plane.metrics.requests.labels(name, who.slo, "chat" if chat else "completions").inc()
         stream = body.get("stream", False)
@@ -280,11 +289,14 @@ def create_app(config: ControlPlaneConfig, plane: ControlPlane | None = None) ->
         events = plane.generate(name, greq, who.slo)
         if not stream:
             text, finish, usage = "", "stop", {"prompt_tokens": 0, "completion_tokens": 0}
+            calls: list[dict[str, Any]] = []
 
             async def collect() -> None:
                 nonlocal text, finish, usage
                 async for ev in events:
                     text += ev.text
+                    if ev.tool_calls:
+                        merge_tool_calls(calls, ev.tool_calls)
                     if ev.finish_reason:
                         finish = ev.finish_reason
                         usage = {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens}
@@ -293,7 +305,12 @@ def create_app(config: ControlPlaneConfig, plane: ControlPlane | None = None) ->
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
             if chat:
-                choice["message"] = {"role": "assistant", "content": text}
+                message: dict[str, Any] = {"role": "assistant", "content": text or None, "refusal": None}
+                if calls:
+                    message["tool_calls"] = calls
+                elif not text:
+                    message["content"] = ""
+                choice["message"] = message
             else:
                 choice["text"] = text
             obj = "chat.completion" if chat else "text_completion"
@@ -428,9 +445,18 @@ def _generation_request(
                 m = {**m, "content": content}
             elif content is not None and not isinstance(content, str):
                 raise APIError(400, f"messages[{i}].content must be a string", param=f"messages[{i}].content")
+            _check_message_tools(m, i)
             raw[i] = m
         messages = raw
-        prompt = engine.render_chat(messages)
+        tools = check_tools(body.get("tools"))
+        tool_choice = check_tool_choice(body.get("tool_choice"), tools)
+        parallel = body.get("parallel_tool_calls", True)
+        if not isinstance(parallel, bool):
+            raise APIError(400, "parallel_tool_calls must be a boolean", param="parallel_tool_calls")
+        response_format = check_response_format(body.get("response_format"))
+        # with tool_choice 'none' the tools are left out of the prompt (as vLLM's
+        # --exclude-tools-when-tool-choice-none does): the model is not to call them
+        prompt = engine.render_chat(messages, tools if tool_choice != "none" else None)
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -469,6 +495,11 @@ def _generation_request(
     forwarded: dict[str, Any] = {
         k: body[k] for k in ("presence_penalty", "frequency_penalty", "user", "logit_bias") if k in body
     }
+    if not chat:
+        tools, tool_choice, parallel, response_format = None, "none", True, None
+        for key in ("tools", "tool_choice", "response_format"):
+            if body.get(key) is not None:
+                raise APIError(400, f"{key} is a chat completions field (/v1/chat/completions)", param=key)
     return GenerationRequest(
         id="",
         prompt=prompt,
@@ -479,7 +510,56 @@ def _generation_request(
         seed=seed,
         messages=messages,
         extra=forwarded,
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=parallel,
+        response_format=response_format,
     )
+
+
+def _check_message_tools(message: dict[str, Any], i: int) -> None:
+    """An assistant message's earlier ``tool_calls`` and a ``tool`` message's ``tool_call_id``."""
+    if message["role"] == "tool" and not isinstance(message.get("tool_call_id"), str):
+        raise APIError(
+            400,
+            f"messages[{i}] has role 'tool' and needs a tool_call_id",
+            param=f"messages[{i}].tool_call_id",
+        )
+    calls = message.get("tool_calls")
+    if calls is None:
+        return
+    if message["role"] != "assistant" or not isinstance(calls, list):
+        raise APIError(
+            400,
+            f"messages[{i}].tool_calls must be a list on an assistant message",
+            param=f"messages[{i}].tool_calls",
+        )
+    for k, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if (
+            not isinstance(fn, dict)
+            or not isinstance(fn.get("name"), str)
+            or not isinstance(fn.get("arguments"), str)
+        ):
+            raise APIError(
+                400,
+                f"messages[{i}].tool_calls[{k}] needs function.name and function.arguments (a JSON string)",
+                param=f"messages[{i}].tool_calls[{k}]",
+            )
+
+
+def merge_tool_calls(calls: list[dict[str, Any]], deltas: list[dict[str, Any]]) -> None:
+    """Fold OpenAI ``delta.tool_calls`` entries into whole ``message.tool_calls`` (in place)."""
+    for delta in deltas:
+        index = int(delta.get("index", 0))
+        while len(calls) <= index:
+            calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+        call, fn = calls[index], delta.get("function") or {}
+        if delta.get("id"):
+            call["id"] = delta["id"]
+        if fn.get("name"):
+            call["function"]["name"] = fn["name"]
+        call["function"]["arguments"] += fn.get("arguments") or ""
 
 
 async def _sse(
@@ -493,11 +573,15 @@ async def _sse(
 ) -> AsyncIterator[bytes]:
     obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(text: str | None, finish: str | None, role: bool = False) -> bytes:
+    def chunk(
+        text: str | None, finish: str | None, role: bool = False, calls: list[dict[str, Any]] | None = None
+    ) -> bytes:
         if chat:
-            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text:
                 delta["content"] = text
+            if calls:
+                delta["tool_calls"] = calls
             choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
         else:
             choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
@@ -518,7 +602,7 @@ async def _sse(
     try:
         event = first
         while event is not None:
-            yield chunk(event.text, event.finish_reason)
+            yield chunk(event.text, event.finish_reason, calls=event.tool_calls)
             if event.finish_reason:
                 usage = {
                     "prompt_tokens": event.prompt_tokens,

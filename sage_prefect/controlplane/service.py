@@ -261,7 +261,7 @@ class ControlPlane:
                         if produced == 0:
                             self._feed(FirstToken(replica, rid, loop.time()))
                             self.metrics.observe_ttft(model, slo, now - started)
-                        elif event.text:
+                        elif event.text or event.tool_calls:
                             self.metrics.observe_tpot(model, slo, now - last_token)
                         last_token = now
                         produced += 1

@@ -48,17 +48,31 @@ class GenerationRequest:
     priority: int = 0  # forwarded to upstreams that understand it (vLLM)
     extra: dict[str, Any] = field(default_factory=dict)  # other OpenAI fields, forwarded upstream
     stream: bool = True  # the client streams; upstream engines forward a non-streaming one whole
+    # tool calling and structured output (checked by the gateway: `structured.check_*`); an
+    # upstream gets them unchanged, the local engine constrains its decoding to match them
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] = "none"
+    parallel_tool_calls: bool = True
+    response_format: dict[str, Any] | None = None
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the output must follow a grammar (tool calls or a JSON format)."""
+        return self.response_format is not None or (bool(self.tools) and self.tool_choice != "none")
 
 
 @dataclass
 class TokenEvent:
-    """A piece of generated text. The last event of a request has ``finish_reason`` set
-    ("stop" or "length") and the final token counts."""
+    """A piece of generated text, or of tool calls (OpenAI's ``delta.tool_calls`` entries:
+    ``index``, then ``id``/``type``/``function.name`` once per call, ``function.arguments``
+    fragments). The last event of a request has ``finish_reason`` set ("stop", "length" or
+    "tool_calls") and the final token counts."""
 
     text: str
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class EmbeddingEngine(abc.ABC):
@@ -100,9 +114,12 @@ class LLMEngine(abc.ABC):
     def count_tokens(self, text: str) -> int:
         """Prompt tokens as the model counts them."""
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        """The prompt for a chat request (engines with a chat template override this)."""
-        lines = [f"{m.get('role', 'user')}: {m.get('content') or ''}" for m in messages]
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt for a chat request (engines with a chat template override this); ``tools``
+        are described in it, and earlier calls and results written out (`structured`)."""
+        from sage_prefect.controlplane.structured import messages_for_template
+
+        lines = [f"{m['role']}: {m['content']}" for m in messages_for_template(messages, tools)]
         return "\n".join(lines) + "\nassistant:"
 
     def queue_depth(self) -> int | None:

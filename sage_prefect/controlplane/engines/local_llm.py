@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import inspect
 import logging
 import secrets
@@ -66,6 +67,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from sage_prefect.controlplane.engines.base import EngineError, GenerationRequest, LLMEngine, TokenEvent
+from sage_prefect.controlplane.structured import (
+    InvalidRequest,
+    TokenConstraint,
+    ToolCallReader,
+    messages_for_template,
+    output_grammar,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -96,6 +104,8 @@ class _Sequence:
     stops: list[str]
     greedy: bool
     generator: Any = None  # torch.Generator for sampled requests, made on the worker thread
+    constraint: TokenConstraint | None = None  # the grammar its tokens must follow
+    reader: ToolCallReader | None = None  # turns the text into tool calls (requests with tools)
     generated: list[int] = field(default_factory=list)
     text: str = ""  # text already sent to the client
     cancelled: bool = False  # set by the client side; the worker frees the slot
@@ -225,6 +235,19 @@ class TransformersLLMEngine(LLMEngine):
         if pad is None:
             pad = next(iter(sorted(self._eos_ids)), 0)
         self._pad_id = int(pad)
+        eos = hf_tokenizer.eos_token_id
+        self._eos_token_id = int(eos) if isinstance(eos, int) else next(iter(sorted(self._eos_ids)), None)
+        self._vocab_size = int(self._model.get_output_embeddings().weight.shape[0])
+
+        # Grammar-constrained decoding (llguidance): a tokenizer made on first use, an executor
+        # that computes a batch's masks in parallel with the GIL released, and a thread that
+        # computes them while the model's forward pass runs.
+        self._llg_lock = threading.Lock()
+        self._llg_tokenizer: Any = None
+        self._llg_executor: Any = None
+        self._mask_pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"llm-masks-{self.name}"
+        )
 
         # Counters (written by the worker thread, read anywhere).
         self.step_batch_sizes: collections.Counter[int] = collections.Counter()
@@ -251,14 +274,14 @@ class TransformersLLMEngine(LLMEngine):
     def count_tokens(self, text: str) -> int:
         return len(self._tok.encode(text))
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         normalised = [{**m, "content": _content_text(m.get("content"))} for m in messages]
         if getattr(self._tok.hf, "chat_template", None):
             rendered = self._tok.hf.apply_chat_template(
-                normalised, tokenize=False, add_generation_prompt=True
+                messages_for_template(normalised, tools), tokenize=False, add_generation_prompt=True
             )
             return str(rendered)
-        return super().render_chat(normalised)
+        return super().render_chat(normalised, tools)
 
     def queue_depth(self) -> int | None:
         with self._cond:
@@ -302,11 +325,13 @@ class TransformersLLMEngine(LLMEngine):
     async def aclose(self) -> None:
         self._signal_close()
         await asyncio.to_thread(self._thread.join, 60)
+        self._mask_pool.shutdown(wait=False)
 
     def close(self) -> None:
         """Synchronous `aclose` (for non-async owners)."""
         self._signal_close()
         self._thread.join(60)
+        self._mask_pool.shutdown(wait=False)
 
     # ------------------------------------------------------------------ helpers (asyncio side)
 
@@ -347,6 +372,17 @@ class TransformersLLMEngine(LLMEngine):
                 f"tokens, more than the model's context of {ctx} tokens (model {self.name!r}); "
                 f"set max_tokens to at most {ctx - n} or shorten the prompt"
             )
+        constraint = reader = None
+        if request.constrained:
+            grammar = output_grammar(
+                request.tools, request.tool_choice, request.parallel_tool_calls, request.response_format
+            )
+            if grammar is not None:
+                calling = bool(request.tools) and request.tool_choice != "none"
+                param = "tools" if calling else "response_format.json_schema.schema"
+                constraint = TokenConstraint(self._grammar_tokenizer(), grammar, param)
+        if request.tools and request.tool_choice != "none":
+            reader = ToolCallReader()
         return _Sequence(
             request=request,
             prompt_ids=prompt_ids,
@@ -354,7 +390,25 @@ class TransformersLLMEngine(LLMEngine):
             queue=asyncio.Queue(),
             stops=[s for s in request.stop if s],
             greedy=request.temperature <= GREEDY_TEMPERATURE,
+            constraint=constraint,
+            reader=reader,
         )
+
+    def _grammar_tokenizer(self) -> Any:
+        """The tokenizer as llguidance sees it (built once, ~0.5 s, on first use)."""
+        with self._llg_lock:
+            if self._llg_tokenizer is None:
+                import llguidance.hf
+
+                try:
+                    self._llg_tokenizer = llguidance.hf.from_tokenizer(
+                        self._tok.hf, n_vocab=self._vocab_size, eos_token=self._eos_token_id
+                    )
+                except ValueError as exc:  # a slow (non-Rust) tokenizer
+                    raise InvalidRequest(
+                        f"model {self.name!r} cannot constrain its output (tools, response_format): {exc}"
+                    ) from None
+            return self._llg_tokenizer
 
     def _collect_eos_ids(self, hf_tokenizer: Any) -> set[int]:
         ids: set[int] = set()
@@ -463,6 +517,7 @@ class TransformersLLMEngine(LLMEngine):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache: Any = cast(Any, DynamicCache())
         kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        masks = self._start_masks(seqs)  # computed while the forward pass runs
         out = self._model(
             input_ids=ids,
             attention_mask=mask,
@@ -472,7 +527,7 @@ class TransformersLLMEngine(LLMEngine):
             **kwargs,
         )
         self.prefill_batch_sizes[len(seqs)] += 1
-        tokens = self._sample(out.logits[:, -1, :], seqs)
+        tokens = self._sample(out.logits[:, -1, :], seqs, masks)
         for seq, token in zip(seqs, tokens, strict=True):
             self._advance(seq, token)
 
@@ -529,6 +584,7 @@ class TransformersLLMEngine(LLMEngine):
             [[len(seq.prompt_ids) + len(seq.generated) - 1] for seq in rows], dtype=torch.long, device=device
         )
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
+        masks = self._start_masks(rows)  # computed while the forward pass runs
         out = self._model(
             input_ids=ids,
             attention_mask=self._mask,
@@ -537,7 +593,7 @@ class TransformersLLMEngine(LLMEngine):
             **{self._cache_kw: self._cache},
         )  # the DynamicCache grows in place
         self.step_batch_sizes[len(rows)] += 1
-        tokens = self._sample(out.logits[:, -1, :], rows)
+        tokens = self._sample(out.logits[:, -1, :], rows, masks)
         for seq, token in zip(rows, tokens, strict=True):
             self._advance(seq, token)
         keep = [i for i, seq in enumerate(rows) if not seq.done and not seq.cancelled]
@@ -563,10 +619,53 @@ class TransformersLLMEngine(LLMEngine):
                 layer.keys = layer.keys[:, :, start:, :]
                 layer.values = layer.values[:, :, start:, :]
 
-    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
+    def _start_masks(self, seqs: list[_Sequence]) -> concurrent.futures.Future[tuple[list[int], Any]] | None:
+        """Start computing the token masks of the constrained rows (None: no row is constrained)."""
+        rows = [
+            (i, seq.constraint) for i, seq in enumerate(seqs) if seq.constraint is not None and not seq.done
+        ]
+        if not rows:
+            return None
+        return self._mask_pool.submit(self._fill_masks, rows)
+
+    def _fill_masks(self, rows: list[tuple[int, TokenConstraint]]) -> tuple[list[int], Any]:
+        import llguidance
+        import llguidance.torch as llg_torch
+
+        if self._llg_executor is None:
+            self._llg_executor = llguidance.LLExecutor()
+        bitmask = llg_torch.allocate_token_bitmask(len(rows), self._vocab_size)
+        llg_torch.fill_next_token_bitmask_par(
+            self._llg_executor, [(c.matcher, k) for k, (_, c) in enumerate(rows)], bitmask
+        )
+        return [i for i, _ in rows], bitmask
+
+    def _apply_masks(self, logits: torch.Tensor, masks: tuple[list[int], Any]) -> None:
+        """Set the logits of tokens a row's grammar forbids to -inf (in place)."""
+        import torch
+
+        index, bitmask = masks
+        n, words = bitmask.shape
+        shifts = torch.arange(32, dtype=torch.int32)
+        allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().reshape(n, words * 32)
+        vocab = logits.shape[1]
+        if vocab > words * 32:
+            allowed = torch.nn.functional.pad(allowed, (0, vocab - words * 32), value=False)
+        allowed = allowed[:, :vocab].to(logits.device)
+        rows = torch.tensor(index, device=logits.device)
+        logits.index_copy_(0, rows, logits.index_select(0, rows).masked_fill(~allowed, float("-inf")))
+
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        seqs: list[_Sequence],
+        masks: concurrent.futures.Future[tuple[list[int], Any]] | None = None,
+    ) -> list[int]:
         import torch
 
         logits = logits.float()
+        if masks is not None:
+            self._apply_masks(logits, masks.result())
         greedy = logits.argmax(dim=-1).tolist()
         tokens: list[int] = []
         for i, seq in enumerate(seqs):
@@ -593,6 +692,12 @@ class TransformersLLMEngine(LLMEngine):
             return
         seq.generated.append(token)
         self.generated_tokens += 1
+        if seq.constraint is not None:
+            try:
+                seq.constraint.consume(token)
+            except RuntimeError as exc:  # this request's grammar state: fail it alone
+                self._fail(seq, exc)
+                return
         full = self._tok.decode(seq.generated)
         finish: str | None = None
         end = len(full)
@@ -602,7 +707,7 @@ class TransformersLLMEngine(LLMEngine):
             if hits:
                 finish, end = "stop", max(min(hits), len(seq.text))
         if finish is None:
-            if token in self._eos_ids:
+            if token in self._eos_ids or (seq.constraint is not None and seq.constraint.finished):
                 finish = "stop"
             elif len(seq.generated) >= seq.request.max_tokens:
                 finish = "length"
@@ -611,9 +716,16 @@ class TransformersLLMEngine(LLMEngine):
         delta = full[len(seq.text) : end] if end > len(seq.text) else ""
         if delta:
             seq.text += delta
-            self._send(seq, TokenEvent(text=delta))
+            if seq.reader is None:
+                self._send(seq, TokenEvent(text=delta))
+            else:
+                self._send_parts(seq, *seq.reader.feed(delta))
         if finish is not None:
             seq.done = True
+            if seq.reader is not None:
+                self._send_parts(seq, *seq.reader.finish())
+                if seq.reader.calls and finish == "stop":
+                    finish = "tool_calls"
             self._send(
                 seq,
                 TokenEvent(
@@ -637,6 +749,10 @@ class TransformersLLMEngine(LLMEngine):
                 if any(s.startswith(tail) for s in seq.stops):
                     return end - k
         return end
+
+    def _send_parts(self, seq: _Sequence, content: str, calls: list[dict[str, Any]]) -> None:
+        if content or calls:
+            self._send(seq, TokenEvent(text=content, tool_calls=calls or None))
 
     def _send(self, seq: _Sequence, item: TokenEvent | BaseException) -> None:
         self._outbox.setdefault(seq.loop, []).append((seq, item))

@@ -137,6 +137,14 @@ class OpenAILLMEngine(_Upstream, LLMEngine):
         body.update(request.extra)
         if request.messages is not None:
             body["messages"] = request.messages
+            # tool calling and structured output, forwarded unchanged (vLLM serves both)
+            if request.tools:
+                body["tools"] = request.tools
+                body["tool_choice"] = request.tool_choice
+                if not request.parallel_tool_calls:
+                    body["parallel_tool_calls"] = False
+            if request.response_format is not None:
+                body["response_format"] = request.response_format
             return f"{self.base_url}/chat/completions", body
         body["prompt"] = request.prompt
         return f"{self.base_url}/completions", body
@@ -160,6 +168,7 @@ class OpenAILLMEngine(_Upstream, LLMEngine):
                         doc = json.loads(content)
                         choice = doc["choices"][0]
                         text = choice["message"].get("content") if chat else choice.get("text")
+                        calls = _indexed(choice["message"].get("tool_calls")) if chat else None
                         finish = choice.get("finish_reason")
                         usage = doc.get("usage") or {}
                         prompt_tokens = int(usage.get("prompt_tokens") or 0)
@@ -168,8 +177,8 @@ class OpenAILLMEngine(_Upstream, LLMEngine):
                         raise EngineError(
                             f"upstream {self.base_url} sent a malformed answer ({_describe(exc)}): {content[:300]!r}"
                         ) from exc
-                    if text:
-                        yield TokenEvent(text)
+                    if text or calls:
+                        yield TokenEvent(text or "", tool_calls=calls)
                 else:
                     async for data in _sse_data(response):
                         if data == b"[DONE]":
@@ -189,11 +198,13 @@ class OpenAILLMEngine(_Upstream, LLMEngine):
                             prompt_tokens = int(usage.get("prompt_tokens") or 0)
                             completion_tokens = int(usage.get("completion_tokens") or 0)
                         for choice in chunk.get("choices") or ():
-                            text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                            delta = choice.get("delta") or {}
+                            text = delta.get("content") if chat else choice.get("text")
+                            calls = delta.get("tool_calls") if chat else None
                             if choice.get("finish_reason"):
                                 finish = choice["finish_reason"]
-                            if text:
-                                yield TokenEvent(text)
+                            if text or calls:
+                                yield TokenEvent(text or "", tool_calls=calls or None)
         except (aiohttp.ClientError, TimeoutError) as exc:  # connection errors, timeouts, a broken stream
             raise EngineError(f"upstream {self.base_url} failed: {_describe(exc)}") from exc
         yield TokenEvent(
@@ -220,6 +231,13 @@ async def _sse_data(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
                 yield line[5:].strip()
     if pending.startswith(b"data:"):
         yield pending[5:].strip()
+
+
+def _indexed(calls: Any) -> list[dict[str, Any]] | None:
+    """Whole ``message.tool_calls`` as the delta entries `TokenEvent` carries (with ``index``)."""
+    if not calls:
+        return None
+    return [{"index": i, **call} for i, call in enumerate(calls)]
 
 
 def _env_proxy(url: str) -> str | None:
