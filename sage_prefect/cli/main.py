@@ -14,6 +14,7 @@ from rich.table import Table
 
 from sage_prefect.cli.bench import bench_app
 from sage_prefect.cli.flows import deploy, flow_app
+from sage_prefect.cli.models import models_app
 from sage_prefect.common.errors import SageError
 
 app = typer.Typer(
@@ -27,6 +28,7 @@ controlplane_app = typer.Typer(
 app.add_typer(controlplane_app, name="controlplane")
 app.add_typer(flow_app, name="flow")
 app.add_typer(bench_app, name="bench")
+app.add_typer(models_app, name="models")
 app.command()(deploy)
 console = Console()
 err = Console(stderr=True)
