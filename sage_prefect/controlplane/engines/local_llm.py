@@ -63,7 +63,6 @@ import secrets
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from sage_prefect.controlplane.engines.base import EngineError, GenerationRequest, LLMEngine, TokenEvent
@@ -173,8 +172,13 @@ def _resolve_dtype(dtype: str, device: torch.device) -> Any:
 class TransformersLLMEngine(LLMEngine):
     """A local ``transformers`` causal LM with continuous (iteration-level) batching; see the module docstring.
 
-    ``model`` is a local Hugging Face model directory, or ``"tiny"`` for the random-weight test
-    model built by `build_tiny_model` under ``$SAGE_HOME/models``.
+    ``model`` is a model-store name (``smollm2-135m-instruct``: pulled into ``$SAGE_HOME/models``
+    on first use), a local Hugging Face model directory, a ``.gguf`` file (converted once into
+    the store), or ``"tiny"`` for the random-weight test model built by `build_tiny_model`.
+    ``threads`` sets torch's thread count for this engine's forward passes (None: torch's
+    default, every core; on a shared CPU one or two threads per engine is faster).
+
+    >>> engine = TransformersLLMEngine("smollm2-135m-instruct", threads=1)  # doctest: +SKIP
     """
 
     def __init__(
@@ -185,6 +189,7 @@ class TransformersLLMEngine(LLMEngine):
         max_batch_size: int = 16,
         max_context_tokens: int | None = None,
         dtype: str = "auto",
+        threads: int | None = None,
         name: str | None = None,
     ) -> None:
         import torch
@@ -192,17 +197,19 @@ class TransformersLLMEngine(LLMEngine):
 
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
+        self._threads = threads
+        if threads is not None:
+            torch.set_num_threads(threads)  # loading too; the worker thread sets it again for itself
         if model == "tiny":
             from sage_prefect.controlplane.engines.tiny_model import build_tiny_model, default_tiny_model_dir
 
             path = build_tiny_model(default_tiny_model_dir())
         else:
-            path = Path(model).expanduser()
-            if not path.is_dir():
-                raise ValueError(
-                    f"model {model!r} is not a local model directory (a Hugging Face model saved with "
-                    "save_pretrained) and not 'tiny'; this engine never downloads models"
-                )
+            from sage_prefect.controlplane.modelstore import resolve
+
+            path = resolve(model)
         self._device = torch.device(device)
         if self._device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available")
@@ -430,6 +437,8 @@ class TransformersLLMEngine(LLMEngine):
         import torch
 
         try:
+            if self._threads is not None:
+                torch.set_num_threads(self._threads)
             with torch.inference_mode():
                 while self._wait_for_work():
                     self._iteration()

@@ -28,7 +28,7 @@ from sage_prefect.common.records import with_columns
 from sage_prefect.tasks.agent.registry import ToolArgumentError, ToolRegistry, UnknownToolError
 from sage_prefect.tasks.agent.selection import ToolSelector, load_tool_specs
 from sage_prefect.tasks.base import Operator
-from sage_prefect.tasks.client import EndpointConfig, chat_text, is_context_length_error
+from sage_prefect.tasks.client import EndpointConfig, FunctionNames, chat_reply, is_context_length_error
 
 if TYPE_CHECKING:
     from openai import OpenAI
@@ -165,18 +165,37 @@ class Planner(Operator, MapFunction):
     def _ask(self, query: str, ranked: list[tuple[str, float]]) -> list[dict[str, Any]]:
         assert self._api is not None
         names = [n for n, _ in ranked[: self.cfg.candidates]]
-        schemas = json.dumps([self._registry.get(n).spec() for n in names], ensure_ascii=False)
+        functions = FunctionNames(names)
         messages = [
             {
                 "role": "system",
-                "content": "You plan tool calls. Reply with only a JSON list of calls in execution order, "
-                'like [{"tool": "<name>", "arguments": {...}}], using only these tools:\n' + schemas,
+                "content": "Plan the tool calls that the user's request needs: call every tool it needs, "
+                "in the order they should run.",
             },
             {"role": "user", "content": query},
         ]
-        reply = chat_text(self._api, self._llm_model, messages, self.cfg.max_tokens, self.cfg.temperature)
+        reply = chat_reply(
+            self._api,
+            self._llm_model,
+            messages,
+            self.cfg.max_tokens,
+            self.cfg.temperature,
+            tools=functions.openai_tools([self._registry.get(n).spec() for n in names]),
+            tool_choice="required",
+            parallel_tool_calls=True,
+        )
         allowed = ToolRegistry([self._registry.get(n) for n in names])
-        return parse_plan(reply, allowed, self.cfg.max_steps)
+        if not reply.calls:  # an endpoint that answered in text: a JSON list of calls in it
+            return parse_plan(reply.text, allowed, self.cfg.max_steps)
+        calls: list[dict[str, Any]] = []
+        for function, arguments in reply.calls:
+            tool = functions.tool(function)
+            if tool is None:
+                raise UnknownToolError(f"the model called {function!r}, which is not among {names}")
+            if tool in (c["tool"] for c in calls):
+                continue  # a repeated call adds nothing to the plan
+            calls.append({"tool": tool, "arguments": allowed.validate(tool, arguments)})
+        return calls[: self.cfg.max_steps]
 
     def _plan_one(
         self, query: str, ranked: list[tuple[str, float]]

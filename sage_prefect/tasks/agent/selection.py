@@ -56,7 +56,7 @@ from sage_prefect.common.records import with_columns
 from sage_prefect.tasks.agent.data import holdout_split, load_selection, require_dev_file
 from sage_prefect.tasks.agent.registry import Tool, tools_from_metatool
 from sage_prefect.tasks.base import Operator
-from sage_prefect.tasks.client import EndpointConfig, chat_text, is_context_length_error
+from sage_prefect.tasks.client import EndpointConfig, FunctionNames, chat_reply, is_context_length_error
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -611,25 +611,41 @@ class ToolSelector(Operator, MapFunction):
     def _ask(self, query: str, shortlist: list[tuple[str, float]]) -> tuple[list[tuple[str, float]], str]:
         assert self._api is not None
         by_name = {t.name: t for t in self._tools}
-        listing = "\n".join(f"- {name}: {by_name[name].description}" for name, _ in shortlist)
+        names = FunctionNames([name for name, _ in shortlist])
+        # the shortlist as OpenAI tools without arguments: the model answers with one call, whose
+        # name is its choice (the endpoint's constrained decoding makes it a name from the list)
+        tools = names.openai_tools(
+            [
+                {
+                    "name": n,
+                    "description": by_name[n].description,
+                    "parameters": {"type": "object", "properties": {}},
+                }
+                for n, _ in shortlist
+            ]
+        )
         messages = [
-            {
-                "role": "system",
-                "content": "You choose tools for a user request. Reply with the names of the tools that "
-                "fit the request, best first, one per line, using only names from the list.",
-            },
-            {
-                "role": "user",
-                "content": f"Tools:\n{listing}\n\nRequest: {query[: self.cfg.max_chars * 2]}\nTools:",
-            },
+            {"role": "system", "content": "Call the one tool that best fits the user's request."},
+            {"role": "user", "content": query[: self.cfg.max_chars * 2]},
         ]
         try:
-            reply = chat_text(self._api, self._llm_model, messages, self.cfg.max_tokens, self.cfg.temperature)
+            reply = chat_reply(
+                self._api,
+                self._llm_model,
+                messages,
+                self.cfg.max_tokens,
+                self.cfg.temperature,
+                tools=tools,
+                tool_choice="required",
+                parallel_tool_calls=False,
+            )
         except Exception as exc:
             if is_context_length_error(exc):  # the request is longer than the chat model takes
                 return shortlist, "fallback"
             raise
-        picked = parse_tool_names(reply, [name for name, _ in shortlist])
+        picked = [t for t in (names.tool(name) for name, _ in reply.calls) if t is not None]
+        if not picked:  # an endpoint that answered in text: names in the reply
+            picked = parse_tool_names(reply.text, [name for name, _ in shortlist])
         if not picked:
             return shortlist, "fallback"
         scores = dict(shortlist)

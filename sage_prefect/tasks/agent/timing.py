@@ -28,6 +28,7 @@ False
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +43,7 @@ from sage_prefect.common.records import with_columns
 from sage_prefect.tasks.agent.data import holdout_split, load_timing, require_dev_file
 from sage_prefect.tasks.agent.selection import embed_texts
 from sage_prefect.tasks.base import Operator
-from sage_prefect.tasks.client import EndpointConfig, chat_text, is_context_length_error
+from sage_prefect.tasks.client import EndpointConfig, chat_reply, is_context_length_error
 
 if TYPE_CHECKING:
     import numpy as np
@@ -171,6 +172,36 @@ def parse_yes_no(reply: str) -> bool | None:
     return None
 
 
+NEEDS_TOOL_FORMAT: dict[str, Any] = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "timing",
+        "schema": {
+            "type": "object",
+            "properties": {"needs_tool": {"type": "boolean"}},
+            "required": ["needs_tool"],
+            "additionalProperties": False,
+        },
+        "strict": True,
+    },
+}
+
+
+def parse_needs_tool(reply: str) -> bool | None:
+    """The ``needs_tool`` of a JSON reply (`NEEDS_TOOL_FORMAT`), else the reply read as yes/no.
+
+    >>> parse_needs_tool('{"needs_tool": true}'), parse_needs_tool("No."), parse_needs_tool("blue")
+    (True, False, None)
+    """
+    try:
+        value = json.loads(reply)
+    except ValueError:
+        return parse_yes_no(reply)
+    if isinstance(value, dict) and isinstance(value.get("needs_tool"), bool):
+        return bool(value["needs_tool"])
+    return None
+
+
 class TimingDecider(Operator, MapFunction):
     """Decide per record whether a tool is needed; add ``needs_tool``, ``timing_score``, ``timing_source``."""
 
@@ -191,7 +222,7 @@ class TimingDecider(Operator, MapFunction):
         l2: float = Field(1.0, ge=0.0, description="L2 penalty of the logistic regression")
         embedding_model: str | None = None
         llm_model: str | None = None
-        max_tokens: int = Field(8, ge=1)
+        max_tokens: int = Field(16, ge=1)
         temperature: float = Field(0.0, ge=0.0)
         max_chars: int = Field(1000, ge=16)
         truncate_inputs: bool = Field(
@@ -286,17 +317,24 @@ class TimingDecider(Operator, MapFunction):
                 "role": "system",
                 "content": "Decide whether answering the user's request needs an external tool (live data, "
                 "search, booking, a service or an action); if you can answer from your own knowledge, "
-                "it does not. Answer with one word: yes or no.",
+                'it does not. Answer as JSON: {"needs_tool": true} or {"needs_tool": false}.',
             },
             {"role": "user", "content": query[: self.cfg.max_chars * 2]},
         ]
         try:
-            reply = chat_text(self._api, self._llm_model, messages, self.cfg.max_tokens, self.cfg.temperature)
+            reply = chat_reply(
+                self._api,
+                self._llm_model,
+                messages,
+                self.cfg.max_tokens,
+                self.cfg.temperature,
+                response_format=NEEDS_TOOL_FORMAT,
+            )
         except Exception as exc:
             if is_context_length_error(exc):  # the request is longer than the chat model takes
                 return _sigmoid(rule_score(query)), "fallback"
             raise
-        answer = parse_yes_no(reply)
+        answer = parse_needs_tool(reply.text)
         if answer is None:
             return _sigmoid(rule_score(query)), "fallback"
         return (1.0 if answer else 0.0), "llm"
