@@ -1,6 +1,8 @@
 """Agent-capability evaluation (sage_prefect.benchmark.agent): hand-checked metrics, and the
 evaluators on the shipped sample and (when present) ``../shared/data/agent``, through the real
-control plane (MiniLM embeddings, the tiny random-weight LM)."""
+control plane (MiniLM embeddings; the tiny random-weight LM where the text does not matter, the
+real SmolLM2-135M-Instruct for BFCL's function-call metric); the agent benchmark flow's
+``bfcl_calls`` step end to end."""
 
 from __future__ import annotations
 
@@ -8,26 +10,35 @@ import doctest
 import json
 import math
 import shutil
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+from conftest import REAL_LLM, TINY_LLM
 
 from sage_prefect.benchmark import agent
 from sage_prefect.benchmark.agent import (
+    BFCL_ANSWER_KINDS,
+    BfclAnswer,
+    bfcl_calls_row,
     bfcl_query,
     binary_metrics,
+    evaluate_bfcl_calls,
     evaluate_bfcl_selection,
     evaluate_planning,
     evaluate_selection,
     evaluate_timing,
     metric_name,
     row_metrics,
+    score_bfcl_case,
     selection_metrics,
     set_metrics,
 )
+from sage_prefect.benchmark.bfcl import BfclCase, load_bfcl_pairs
 from sage_prefect.tasks.agent.data import (
     DataFormatError,
     holdout_split,
@@ -522,3 +533,329 @@ def test_shared_agent_data_bounded(controlplane: str) -> None:
     assert _one(timing, method="rule", eval_file="BFCL_v4_live_relevance.jsonl")["n"] == 16
     elapsed = time.perf_counter() - start
     print(f"shared-data bounded evaluation: {elapsed:.1f}s")
+
+
+# -- BFCL's function-call metric ---------------------------------------------------------------------------
+
+BFCL_ROW_KEYS = ROW_KEYS | {
+    "correct",
+    "accuracy",
+    "mean_prompt_tokens",
+    "mean_completion_tokens",
+    "mean_request_seconds",
+    "model",
+    "tool_choice",
+    *(f"{kind}_fraction" for kind in BFCL_ANSWER_KINDS),
+}
+NEEDS_SHARED_BFCL = pytest.mark.skipif(
+    not (SHARED_AGENT / "bfcl" / "possible_answer_multiple.jsonl").is_file(),
+    reason=f"BFCL data not found at {SHARED_AGENT / 'bfcl'} (see ../shared/data/README.md)",
+)
+
+
+def _sample_cases() -> tuple[list[BfclCase], list[BfclCase]]:
+    multiple = load_bfcl_pairs(BFCL / "BFCL_v4_multiple.jsonl", BFCL / "possible_answer_multiple.jsonl")
+    return multiple, load_bfcl_pairs(BFCL / "BFCL_v4_irrelevance.jsonl")
+
+
+def _call(name: str, arguments: Any) -> dict[str, Any]:
+    return {"name": name, "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}
+
+
+def _check_bfcl_rows(rows: list[dict[str, Any]], records: list[dict[str, Any]]) -> None:
+    """Fields, ranges and bookkeeping every `evaluate_bfcl_calls` result must satisfy."""
+    assert rows
+    for row in rows:
+        assert set(row) >= BFCL_ROW_KEYS, sorted(BFCL_ROW_KEYS - set(row))
+        assert row["task"] == "bfcl_calls" and row["method"] == f"llm-{row['tool_choice']}"
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["correct"] == round(row["accuracy"] * row["n"])
+        fractions = [row[f"{kind}_fraction"] for kind in BFCL_ANSWER_KINDS]
+        assert all(0.0 <= f <= 1.0 for f in fractions) and sum(fractions) == pytest.approx(1.0), row
+        irrelevance = row["eval_file"].split("[")[0].endswith("irrelevance.jsonl")
+        assert row["accuracy"] == pytest.approx(
+            row["no_call_fraction" if irrelevance else "correct_call_fraction"]
+        )
+        errors = sum(v for k, v in row.items() if k.startswith("error:"))
+        assert errors == row["n"] - row["correct"]
+        mine = [r for r in records if r["eval_file"] == row["eval_file"] and r["method"] == row["method"]]
+        assert len(mine) == row["n"] and sum(r["valid"] for r in mine) == row["correct"]
+        for key in row_metrics(row):
+            assert key.startswith(f"bfcl_calls.{row['dataset']}.") and ":" not in key, key
+
+
+def test_bfcl_scoring_of_hand_made_answers() -> None:
+    """Hand-made model outputs through the evaluator's scoring path: only the right call passes."""
+    multiple, irrelevance = _sample_cases()
+    case = multiple[0]  # currency.convert(amount=120.0, from_currency="USD", to_currency="JPY")
+    right = {"amount": 120, "from_currency": "usd", "to_currency": "JPY"}  # int for float, any case
+    answers = {
+        "right": BfclAnswer([_call("currency_convert", right)]),
+        "wrong value": BfclAnswer([_call("currency_convert", {**right, "amount": 100})]),
+        "wrong type": BfclAnswer([_call("currency_convert", {**right, "amount": "120"})]),
+        "missing": BfclAnswer([_call("currency_convert", {"amount": 120.0, "from_currency": "USD"})]),
+        "extra": BfclAnswer([_call("currency_convert", {**right, "fee": 0})]),
+        "other function": BfclAnswer([_call("weather_forecast", {"city": "Tokyo"})]),
+        "made up": BfclAnswer([_call("convert_money", right)]),
+        "unparsable": BfclAnswer([_call("currency_convert", '{"amount": 120, "from_')]),
+        "twice": BfclAnswer([_call("currency_convert", right), _call("currency_convert", right)]),
+        "text": BfclAnswer([], content="120 USD is about 18,000 JPY."),
+        "refused": BfclAnswer(error="context_length_exceeded", detail="prompt too long"),
+    }
+    records = {k: score_bfcl_case(case, a) for k, a in answers.items()}
+    expected = {
+        "right": ("correct_call", None),
+        "wrong value": ("wrong_arguments", "value_error:others"),
+        "wrong type": ("wrong_arguments", "type_error:simple"),
+        "missing": ("wrong_arguments", "simple_function_checker:missing_required"),
+        "extra": ("wrong_arguments", "simple_function_checker:unexpected_param"),
+        "other function": ("wrong_function", "simple_function_checker:wrong_func_name"),
+        "made up": ("wrong_function", "simple_function_checker:wrong_func_name"),
+        "unparsable": ("unparsable", "ast_decoder:decoder_failed"),
+        "twice": ("multiple_calls", "multiple_function_checker:wrong_count"),
+        "text": ("no_call", "multiple_function_checker:wrong_count"),
+        "refused": ("fallback", "request_error:context_length_exceeded"),
+    }
+    assert {k: (r["answer"], r["error_type"]) for k, r in records.items()} == expected
+    assert [k for k, r in records.items() if r["valid"]] == ["right"]
+    assert records["right"]["calls"] == [{"name": "currency.convert", "arguments": json.dumps(right)}]
+    assert records["made up"]["calls"][0]["name"] == "convert_money"  # unknown names stay as sent
+    assert records["refused"]["error"] == "prompt too long" and records["text"]["content"].startswith("120")
+
+    # Irrelevance: right iff no call; any call is a wrong function (or unparsable).
+    off = irrelevance[0]
+    assert score_bfcl_case(off, BfclAnswer([], content="Leonardo da Vinci."))["answer"] == "no_call"
+    assert score_bfcl_case(off, BfclAnswer([], content="Leonardo."))["valid"] is True
+    called = score_bfcl_case(off, BfclAnswer([_call("currency_convert", right)]))
+    assert (called["answer"], called["valid"], called["error_type"]) == (
+        "wrong_function",
+        False,
+        "irrelevance_error:decoder_success",
+    )
+    assert score_bfcl_case(off, BfclAnswer([_call("currency_convert", "{")]))["answer"] == "unparsable"
+    # Relevance (BFCL live_relevance): any decodable call of an offered function.
+    assert score_bfcl_case(off, BfclAnswer([_call("currency_convert", {})]), "relevance")["valid"] is True
+    missed = score_bfcl_case(off, BfclAnswer([]), "relevance")
+    assert (missed["valid"], missed["error_type"]) == (False, "relevance_error:no_call")
+    with pytest.raises(ValueError, match="kind"):
+        score_bfcl_case(case, BfclAnswer(), "parallel")
+
+    # The row: one answer of each kind among 11, fractions add up, BFCL error types counted.
+    row = bfcl_calls_row(
+        list(records.values()), dataset="bfcl", eval_file="BFCL_v4_multiple.jsonl", method="llm-auto"
+    )
+    n = len(answers)
+    assert (row["n"], row["correct"], row["accuracy"]) == (n, 1, pytest.approx(1 / n))
+    assert row["wrong_arguments_fraction"] == pytest.approx(4 / n)
+    assert row["wrong_function_fraction"] == pytest.approx(2 / n)
+    for kind in ("correct_call", "unparsable", "multiple_calls", "no_call", "fallback"):
+        assert row[f"{kind}_fraction"] == pytest.approx(1 / n), kind
+    assert row["error:simple_function_checker:wrong_func_name"] == 2 and row["error:value_error:others"] == 1
+    assert row["error:request_error:context_length_exceeded"] == 1
+    assert math.isnan(row["mean_prompt_tokens"])  # hand-made answers carry no usage
+    assert row_metrics(row)["bfcl_calls.bfcl.BFCL_v4_multiple.llm-auto.error_type_error_simple"] == 1.0
+    empty = bfcl_calls_row([], dataset="bfcl", eval_file="x.jsonl", method="llm-auto")
+    assert empty["n"] == 0 and math.isnan(empty["accuracy"])
+
+
+def test_bfcl_calls_evaluator_scores_what_the_endpoint_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The evaluator end to end with answers made by hand in place of the endpoint's: per-file
+    rows, subsets, name mapping, required mode and argument checks."""
+    multiple, irrelevance = _sample_cases()
+    truth = {c.id: c.ground_truth for c in multiple}
+    sent: list[tuple[str, str, int]] = []
+
+    def fake_ask(
+        api: Any, model: str, case: BfclCase, tool_choice: str, max_tokens: int, temperature: float
+    ) -> BfclAnswer:
+        sent.append((case.id, tool_choice, max_tokens))
+        gt = truth.get(case.id)
+        if gt is None:  # irrelevance: answer in text, except irrelevance_1
+            calls = [_call("weather_forecast", {"city": "x"})] if case.id == "irrelevance_1" else []
+            return BfclAnswer(calls, content="no tool needed")
+        ((name, params),) = gt[0].items()
+        args = {p: values[0] for p, values in params.items() if values[0] != ""}
+        if case.id == "multiple_1":  # one wrong argument
+            args["days"] = 4
+        return BfclAnswer([_call(name.replace(".", "_"), args)], finish_reason="tool_calls", seconds=0.01)
+
+    monkeypatch.setattr(agent, "_ask_bfcl", fake_ask)
+    progress: list[tuple[str, int, int]] = []
+    rows, records = evaluate_bfcl_calls(
+        BFCL,
+        base_url="http://127.0.0.1:9/v1",
+        model="m",
+        max_tokens=77,
+        progress=lambda *a: progress.append(a),
+    )
+    _check_bfcl_rows(rows, records)
+    by_file = {r["eval_file"]: r for r in rows}
+    assert list(by_file) == ["BFCL_v4_irrelevance.jsonl", "BFCL_v4_multiple.jsonl"]
+    assert by_file["BFCL_v4_multiple.jsonl"]["accuracy"] == pytest.approx(4 / 5)
+    assert by_file["BFCL_v4_multiple.jsonl"]["error:value_error:others"] == 1
+    assert by_file["BFCL_v4_irrelevance.jsonl"]["accuracy"] == pytest.approx(2 / 3)
+    assert {(r["id"], r["valid"]) for r in records if not r["valid"]} == {
+        ("multiple_1", False),
+        ("irrelevance_1", False),
+    }
+    assert {m for _, _, m in sent} == {77} and progress[-1] == ("BFCL_v4_multiple.jsonl", 5, 5)
+    # required: irrelevance files skipped; a subset names itself
+    sent.clear()
+    rows, records = evaluate_bfcl_calls(
+        BFCL, base_url="http://127.0.0.1:9/v1", model="m", tool_choice="required", limit=2
+    )
+    assert [(r["eval_file"], r["method"], r["n"]) for r in rows] == [
+        ("BFCL_v4_multiple.jsonl[random 2 of 5, seed 0]", "llm-required", 2)
+    ]
+    assert {c for _, c, _ in sent} == {"required"} and len(records) == 2
+    assert metric_name(rows[0], "accuracy") == "bfcl_calls.bfcl.BFCL_v4_multiple.llm-required.accuracy"
+    with pytest.raises(ValueError, match="tool_choice"):
+        evaluate_bfcl_calls(BFCL, base_url="http://127.0.0.1:9/v1", model="m", tool_choice="none")
+
+
+def test_bfcl_calls_data_errors(tmp_path: Path) -> None:
+    folder = tmp_path / "bfcl"
+    folder.mkdir()
+    url = "http://127.0.0.1:9/v1"
+    assert evaluate_bfcl_calls(folder, base_url=url, model="m") == ([], [])
+    shutil.copy(BFCL / "BFCL_v4_multiple.jsonl", folder / "BFCL_v4_multiple.jsonl")
+    with pytest.raises(DataFormatError, match="possible_answer_multiple.jsonl"):
+        evaluate_bfcl_calls(folder, base_url=url, model="m")
+    (folder / "possible_answer_multiple.jsonl").write_text('{"id": "multiple_0", "ground_truth": []}\n')
+    with pytest.raises(DataFormatError, match="no answer for 'multiple_1'") as exc:
+        evaluate_bfcl_calls(folder, base_url=url, model="m")
+    assert exc.value.file == str(folder / "BFCL_v4_multiple.jsonl")
+    with pytest.raises(DataFormatError, match="no such folder"):
+        evaluate_bfcl_calls(tmp_path / "nowhere", base_url=url, model="m")
+
+
+def test_bfcl_calls_with_the_real_model(controlplane: str) -> None:
+    """SmolLM2-135M-Instruct through the control plane on the shipped sample, both modes."""
+    start = time.perf_counter()
+    rows, records = evaluate_bfcl_calls(
+        BFCL, base_url=controlplane, model=REAL_LLM, limit=3, max_tokens=48, concurrency=6
+    )
+    _check_bfcl_rows(rows, records)
+    assert [(r["eval_file"], r["n"]) for r in rows] == [
+        ("BFCL_v4_irrelevance.jsonl", 3),
+        ("BFCL_v4_multiple.jsonl[random 3 of 5, seed 0]", 3),
+    ]
+    assert all(r["fallback_fraction"] == 0.0 and r["mean_prompt_tokens"] > 50 for r in rows)
+    required, req_records = evaluate_bfcl_calls(
+        BFCL, base_url=controlplane, model=REAL_LLM, tool_choice="required", limit=3, max_tokens=64
+    )
+    _check_bfcl_rows(required, req_records)
+    (row,) = required
+    # a call is forced and its arguments follow the tool's schema: the model can only be wrong
+    # about which function or which values
+    assert row["no_call_fraction"] == row["unparsable_fraction"] == row["fallback_fraction"] == 0.0
+    assert all(len(r["calls"]) == 1 for r in req_records)
+    print(
+        f"real model, sample: auto {[(r['eval_file'], r['accuracy']) for r in rows]}, "
+        f"required {row['accuracy']:.2f}; {[(r['id'], r['calls']) for r in req_records]}; "
+        f"{time.perf_counter() - start:.1f} s"
+    )
+
+
+def test_bfcl_calls_count_refused_requests(tmp_path: Path, controlplane: str) -> None:
+    """A prompt longer than the model's context is a 400 context_length_exceeded: counted in
+    fallback_fraction, never a crash."""
+    folder = tmp_path / "bfcl"
+    folder.mkdir()
+    functions = json.loads((BFCL / "BFCL_v4_irrelevance.jsonl").read_text().splitlines()[0])["function"]
+    lines = [
+        {"id": f"irrelevance_{i}", "question": [[{"role": "user", "content": q}]], "function": functions}
+        for i, q in enumerate(["Who painted the Mona Lisa?", "天气" * 2500])  # > the tiny LM's 2048 tokens
+    ]
+    (folder / "BFCL_v4_irrelevance.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    rows, records = evaluate_bfcl_calls(folder, base_url=controlplane, model=TINY_LLM, max_tokens=8)
+    _check_bfcl_rows(rows, records)
+    (row,) = rows
+    assert row["n"] == 2 and row["fallback_fraction"] == 0.5
+    assert row["error:request_error:context_length_exceeded"] == 1
+    refused = next(r for r in records if r["id"] == "irrelevance_1")
+    assert refused["answer"] == "fallback" and "context" in refused["error"]
+
+
+@NEEDS_SHARED_BFCL
+def test_bfcl_calls_on_the_shared_data(controlplane: str) -> None:
+    """Every default file of ../shared/data/agent/bfcl, one case each, with the real model."""
+    start = time.perf_counter()
+    rows, records = evaluate_bfcl_calls(
+        SHARED_AGENT / "bfcl", base_url=controlplane, model=REAL_LLM, limit=1, max_tokens=32
+    )
+    _check_bfcl_rows(rows, records)
+    assert [r["eval_file"] for r in rows] == [
+        "BFCL_v4_irrelevance.jsonl[random 1 of 240, seed 0]",
+        "BFCL_v4_live_irrelevance.jsonl[random 1 of 618, seed 0]",
+        "BFCL_v4_live_multiple.jsonl[random 1 of 737, seed 0]",
+        "BFCL_v4_multiple.jsonl[random 1 of 200, seed 0]",
+    ]
+    print(f"shared BFCL, 1 case per file: {time.perf_counter() - start:.1f} s")
+
+
+# -- the agent benchmark flow's bfcl_calls step ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def agent_flow() -> Iterator[Any]:
+    from prefect.flows import load_flow_from_entrypoint
+
+    root = Path(__file__).resolve().parents[1]
+    yield load_flow_from_entrypoint(f"{root / 'benchmarks' / 'flows' / 'agent.py'}:agent_bench")
+    for name in list(sys.modules):
+        if name.startswith("__prefect_loader"):
+            del sys.modules[name]
+
+
+def test_agent_flow_bfcl_calls_step(
+    agent_flow: Any, prefect_api: str, controlplane: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    from sage_prefect.benchmark.tracking import tracking_uri
+    from sage_prefect.common.errors import ConfigError
+
+    monkeypatch.setenv("SAGE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = agent_flow(
+        tasks=["bfcl_calls", "timing"],
+        timing_methods=["rule", "llm"],
+        llm_limit=2,
+        bfcl_calls_limit=2,
+        bfcl_tool_choice=["auto", "required"],
+        bfcl_max_tokens=16,
+        llm_model=TINY_LLM,
+        base_url=controlplane,
+    )
+    client = MlflowClient(tracking_uri())
+    exp = client.get_experiment_by_name("agent")
+    assert exp is not None
+    (run,) = client.search_runs([exp.experiment_id])
+    metrics, params = run.data.metrics, run.data.params
+    assert run.info.run_id == out["mlflow_run_id"]
+    assert params["llm_model"] == TINY_LLM and params["bfcl_calls_limit"] == "2"
+    assert params["endpoint"] == controlplane and params["llm_limit"] == "2"
+    for key in (
+        "bfcl_calls.bfcl.BFCL_v4_multiple.llm-auto.accuracy",
+        "bfcl_calls.bfcl.BFCL_v4_multiple.llm-required.accuracy",
+        "bfcl_calls.bfcl.BFCL_v4_irrelevance.llm-auto.fallback_fraction",
+        "bfcl_calls.bfcl.BFCL_v4_irrelevance.llm-auto.no_call_fraction",
+        "timing.bfcl.BFCL_v4_irrelevance.llm.fallback_fraction",
+        "timing.metatool.timing_dev_holdout.rule.accuracy",
+    ):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert "bfcl_calls.bfcl.BFCL_v4_irrelevance.llm-required.accuracy" not in metrics
+    assert metrics["bfcl_calls.bfcl.BFCL_v4_multiple.llm-auto.n"] == 2
+    rows = out["rows"]
+    # the llm timing rows score llm_limit items, the rule rows the whole held-out part
+    llm_dev = _one(rows, task="timing", method="llm", dataset="metatool")
+    assert llm_dev["n"] == 2 and llm_dev["eval_file"].endswith("random 2 of 8, seed 0]")
+    assert _one(rows, task="timing", method="rule", dataset="metatool")["n"] == 8
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+    cases = json.loads((artifacts / "bfcl_calls_cases.json").read_text())
+    assert len(cases) == 2 + 2 + 2 and {c["method"] for c in cases} == {"llm-auto", "llm-required"}
+    assert all({"id", "answer", "valid", "error_type", "calls", "content"} <= set(c) for c in cases)
+    plots = sorted(p.name for p in (artifacts / "plots").iterdir())
+    assert sum(p.startswith("bfcl_calls-bfcl_BFCL_v4_") for p in plots) == 2, plots
+    with pytest.raises(ConfigError, match="bfcl_tool_choice"):
+        agent_flow(tasks=["bfcl_calls"], bfcl_tool_choice="none", base_url=controlplane)

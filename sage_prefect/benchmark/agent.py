@@ -36,19 +36,24 @@ plane to cut them to the model's token limit, and the llm methods fall back on t
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 import re
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
+from sage_prefect.benchmark import bfcl
+from sage_prefect.benchmark.bfcl import BfclCase
 from sage_prefect.tasks.agent.data import (
     DataFormatError,
     bfcl_answer_path,
@@ -63,18 +68,26 @@ from sage_prefect.tasks.agent.data import (
 from sage_prefect.tasks.agent.planning import Planner
 from sage_prefect.tasks.agent.selection import ToolSelector
 from sage_prefect.tasks.agent.timing import TimingDecider
+from sage_prefect.tasks.client import is_context_length_error
 
 __all__ = [
+    "BFCL_ANSWER_KINDS",
+    "BFCL_CALL_FILES",
+    "BFCL_TOOL_CHOICES",
     "DEFAULT_SELECTION_METHODS",
+    "BfclAnswer",
     "ID_FIELDS",
     "bfcl_query",
+    "bfcl_calls_row",
     "binary_metrics",
+    "evaluate_bfcl_calls",
     "evaluate_bfcl_selection",
     "evaluate_planning",
     "evaluate_selection",
     "evaluate_timing",
     "metric_name",
     "row_metrics",
+    "score_bfcl_case",
     "selection_metrics",
     "set_metrics",
 ]
@@ -939,3 +952,325 @@ def _timing_row(
 def _timing_fit(decider: TimingDecider) -> str:
     cfg = decider.cfg
     return _fit_note(cfg.train_path, cfg.holdout_fraction, cfg.seed) if cfg.method == "embedding" else ""
+
+
+# -- function calls (BFCL's AST metric) ---------------------------------------------------------------------
+
+#: The BFCL files `evaluate_bfcl_calls` scores by default (stems of ``BFCL_v4_<stem>.jsonl``).
+BFCL_CALL_FILES = ("multiple", "live_multiple", "irrelevance", "live_irrelevance")
+#: ``tool_choice`` modes of `evaluate_bfcl_calls`.
+BFCL_TOOL_CHOICES = ("auto", "required")
+#: What an answer can be, one per case (``<kind>_fraction`` in a row; they sum to 1): the request
+#: failed or was refused; no call; a call whose arguments are not a JSON object; a call of a
+#: function that is not the expected one (every call, on an irrelevance file); more than one call
+#: (of the expected function); the expected function with arguments the AST check rejects; the
+#: right call.
+BFCL_ANSWER_KINDS = (
+    "fallback",
+    "no_call",
+    "unparsable",
+    "wrong_function",
+    "multiple_calls",
+    "wrong_arguments",
+    "correct_call",
+)
+
+
+@dataclass(frozen=True)
+class BfclAnswer:
+    """What an endpoint answered to one BFCL case: its ``tool_calls`` as ``{"name", "arguments"}``
+    (the name as sent, the arguments as the raw JSON string), the text, and ``error`` (why the
+    request failed or was refused: ``"context_length_exceeded"``, ``"http_400"``, ``"timeout"``,
+    ``"refusal"``...; then ``calls`` is empty)."""
+
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    content: str = ""
+    finish_reason: str | None = None
+    error: str | None = None
+    detail: str = ""
+    seconds: float = 0.0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+def _bfcl_kind(stem: str) -> str:
+    """``"irrelevance"`` (no call is right), ``"relevance"`` (any call is) or ``"ast"``."""
+    if stem.endswith("irrelevance"):
+        return "irrelevance"
+    return "relevance" if stem.endswith("relevance") else "ast"
+
+
+def _parses(arguments: Any) -> bool:
+    if isinstance(arguments, dict):
+        return True
+    if not isinstance(arguments, str):
+        return False
+    try:
+        return isinstance(json.loads(arguments) if arguments.strip() else {}, dict)
+    except ValueError:
+        return False
+
+
+def score_bfcl_case(case: BfclCase, answer: BfclAnswer, kind: str | None = None) -> dict[str, Any]:
+    """Score one answer by BFCL's rules: the per-case record ``{"id", "kind", "answer", "valid",
+    "error_type", "error", "calls", "content", "finish_reason", "request_error", "seconds",
+    "prompt_tokens", "completion_tokens"}``.
+
+    ``kind`` is ``"ast"`` (``multiple``/``live_multiple``: exactly one call that passes
+    `bfcl.check_calls` against the possible answer), ``"irrelevance"`` (right iff no call,
+    `bfcl.check_irrelevance`) or ``"relevance"`` (right iff a call with parsable arguments); by
+    default ``"ast"`` when the case has a ground truth, else ``"irrelevance"``. Call names are
+    mapped back to BFCL's (``math_hypot`` -> ``math.hypot``) with `bfcl.openai_name_map`. A failed
+    request is wrong, with the answer kind ``fallback`` and error type ``request_error:<why>``.
+    ``answer`` is one of `BFCL_ANSWER_KINDS`; ``valid`` is true exactly when it is
+    ``correct_call`` (``no_call`` on an irrelevance case).
+    """
+    kind = kind or ("ast" if case.ground_truth is not None else "irrelevance")
+    if kind not in ("ast", "irrelevance", "relevance"):
+        raise ValueError(f"unknown BFCL case kind {kind!r}")
+    names = bfcl.openai_name_map(case.functions)
+    calls = [
+        {"name": names.get(str(c.get("name")), c.get("name")), "arguments": c.get("arguments")}
+        for c in answer.calls
+    ]
+    record: dict[str, Any] = {"id": case.id, "kind": kind}
+    if answer.error is not None:
+        verdict = bfcl.CallResult(False, answer.detail or answer.error, f"request_error:{answer.error}")
+        outcome = "fallback"
+    else:
+        if kind == "ast":
+            assert case.ground_truth is not None
+            verdict = bfcl.check_calls(calls, case.functions, case.ground_truth)
+            expected = {n for entry in case.ground_truth for n in entry}
+        elif kind == "irrelevance":
+            verdict = bfcl.check_irrelevance(calls)
+            expected = set()
+        else:
+            expected = {str(f["name"]) for f in case.functions}
+        if not calls:
+            outcome = "no_call"
+        elif not all(_parses(c["arguments"]) for c in calls):
+            outcome = "unparsable"
+        elif not all(str(c["name"]) in expected for c in calls):
+            outcome = "wrong_function"
+        elif len(calls) > 1 and kind == "ast":
+            outcome = "multiple_calls"
+        else:
+            outcome = "correct_call" if kind == "relevance" or verdict.valid else "wrong_arguments"
+        if kind == "relevance":  # BFCL's relevance rule: any call it can decode
+            verdict = (
+                bfcl.CallResult(True)
+                if outcome == "correct_call"
+                else bfcl.CallResult(False, f"expected a call, got {outcome}", f"relevance_error:{outcome}")
+            )
+    valid = verdict.valid
+    if valid != (outcome == ("no_call" if kind == "irrelevance" else "correct_call")):
+        raise AssertionError(f"{case.id}: verdict {verdict} disagrees with answer kind {outcome!r}")
+    record.update(
+        answer=outcome,
+        valid=valid,
+        error_type=verdict.error_type,
+        error=verdict.error,
+        calls=calls,
+        content=answer.content,
+        finish_reason=answer.finish_reason,
+        request_error=answer.error,
+        seconds=answer.seconds,
+        prompt_tokens=answer.prompt_tokens,
+        completion_tokens=answer.completion_tokens,
+    )
+    return record
+
+
+def bfcl_calls_row(
+    records: Sequence[Mapping[str, Any]], *, dataset: str, eval_file: str, method: str, seconds: float = 0.0
+) -> dict[str, Any]:
+    """One result row of `score_bfcl_case` records: ``n``, ``correct``, ``accuracy`` (NaN when
+    empty), ``<kind>_fraction`` for each of `BFCL_ANSWER_KINDS` (``fallback_fraction``: requests
+    that failed or were refused), ``error:<BFCL error type>`` counts, mean prompt/completion
+    tokens and request seconds, and the time ``seconds``."""
+    n = len(records)
+    correct = sum(1 for r in records if r["valid"])
+    row = _row("bfcl_calls", dataset, eval_file, method, {"n": n})
+    row["correct"] = correct
+    row["accuracy"] = _ratio(correct, n)
+    kinds = Counter(str(r["answer"]) for r in records)
+    for kind in BFCL_ANSWER_KINDS:
+        row[f"{kind}_fraction"] = _ratio(kinds.get(kind, 0), n)
+    for error_type, count in sorted(Counter(str(r["error_type"]) for r in records if not r["valid"]).items()):
+        row[f"error:{error_type}"] = count
+    for what in ("prompt_tokens", "completion_tokens"):
+        known = [float(r[what]) for r in records if r.get(what) is not None]
+        row[f"mean_{what}"] = _mean(known)
+    row["mean_request_seconds"] = _mean([float(r["seconds"]) for r in records])
+    row.update(seconds=seconds, setup_seconds=0.0, fitted_on="")
+    return row
+
+
+def _ask_bfcl(
+    api: Any,
+    model: str,
+    case: BfclCase,
+    tool_choice: str,
+    max_tokens: int,
+    temperature: float,
+) -> BfclAnswer:
+    """Send one case's first-turn messages with its functions as ``tools``; failures are answers."""
+    import openai
+
+    t0 = time.perf_counter()
+    try:
+        resp = api.chat.completions.create(
+            model=model,
+            messages=case.messages,
+            tools=bfcl.to_openai_tools(case.functions),
+            tool_choice=tool_choice,
+            parallel_tool_calls=False,
+            max_tokens=max_tokens,
+            temperature=temperature,
+        )
+    except openai.APITimeoutError as exc:
+        return BfclAnswer(error="timeout", detail=str(exc), seconds=time.perf_counter() - t0)
+    except openai.APIStatusError as exc:
+        why = "context_length_exceeded" if is_context_length_error(exc) else f"http_{exc.status_code}"
+        return BfclAnswer(error=why, detail=str(exc)[:500], seconds=time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    usage = getattr(resp, "usage", None)
+    prompt_tokens = getattr(usage, "prompt_tokens", None)
+    completion_tokens = getattr(usage, "completion_tokens", None)
+    if not resp.choices:
+        return BfclAnswer(error="no_choices", seconds=seconds)
+    choice = resp.choices[0]
+    message = choice.message
+    refusal = getattr(message, "refusal", None)
+    calls = [
+        {"name": call.function.name, "arguments": call.function.arguments}
+        for call in message.tool_calls or ()
+        if getattr(call, "function", None) is not None
+    ]
+    return BfclAnswer(
+        calls=[] if refusal else calls,
+        content=message.content or "",
+        finish_reason=choice.finish_reason,
+        error="refusal" if refusal else None,
+        detail=str(refusal or ""),
+        seconds=seconds,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+    )
+
+
+def _ask_all(
+    api: Any,
+    model: str,
+    cases: list[BfclCase],
+    tool_choice: str,
+    max_tokens: int,
+    temperature: float,
+    concurrency: int,
+    label: str,
+    progress: Callable[[str, int, int], None] | None,
+) -> list[BfclAnswer]:
+    done = 0
+    lock = threading.Lock()
+
+    def one(case: BfclCase) -> BfclAnswer:
+        nonlocal done
+        answer = _ask_bfcl(api, model, case, tool_choice, max_tokens, temperature)
+        with lock:
+            done += 1
+            if progress is not None:
+                progress(label, done, len(cases))
+        return answer
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        return list(pool.map(one, cases))
+
+
+def _load_bfcl_cases(path: Path, kind: str) -> list[BfclCase]:
+    answers = bfcl_answer_path(path) if kind == "ast" else None
+    if kind == "ast" and answers is None:
+        stem = re.sub(r"^BFCL_v\d+_", "", path.stem)
+        raise DataFormatError(
+            f"{path}: no answers file possible_answer_{stem}.jsonl next to it", file=str(path), line=None
+        )
+    try:
+        cases = bfcl.load_bfcl_pairs(path, answers)
+        for case in cases:
+            bfcl.to_openai_tools(case.functions)  # names and types it can send
+    except ValueError as exc:
+        raise DataFormatError(str(exc), file=str(path), line=None) from exc
+    return cases
+
+
+def evaluate_bfcl_calls(
+    data_dir: str | Path,
+    *,
+    base_url: str,
+    api_key: str | None = None,
+    model: str,
+    files: Sequence[str] = BFCL_CALL_FILES,
+    tool_choice: str = "auto",
+    limit: int | None = None,
+    seed: int = 0,
+    concurrency: int = 8,
+    max_tokens: int = 128,
+    temperature: float = 0.0,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """BFCL's own metric: the model's function calls on BFCL files, checked by BFCL's AST rules
+    (`sage_prefect.benchmark.bfcl`). Returns ``(rows, records)``: one row per file (`bfcl_calls_row`)
+    and one `score_bfcl_case` record per case (with ``eval_file`` and ``method``).
+
+    Each case's first-turn ``messages`` go to ``base_url``'s ``/chat/completions`` (any
+    OpenAI-compatible endpoint: the control plane, vLLM, OpenAI) with ``model``,
+    ``tools=bfcl.to_openai_tools(functions)``, ``tool_choice``, ``parallel_tool_calls=False``,
+    ``max_tokens`` and ``temperature``, ``concurrency`` requests at a time; the reply's
+    ``message.tool_calls`` are scored (its text is kept in the record, never parsed). ``files``
+    are stems of ``BFCL_v*_<stem>.jsonl`` in ``data_dir``: ``multiple``/``live_multiple`` need
+    their ``possible_answer_<stem>.jsonl`` (AST check), ``*irrelevance`` files are right iff no
+    call, a ``*relevance`` file iff a call. ``tool_choice="required"`` measures argument filling
+    when a call is known to be needed: irrelevance files are skipped in that mode. A request the
+    endpoint refuses (400 ``context_length_exceeded`` for a prompt longer than the model takes,
+    any other HTTP error after the SDK's retries, a timeout, a refusal) is counted as wrong and in
+    ``fallback_fraction``; only an endpoint that cannot be reached at all raises.
+
+    ``limit`` scores a fixed-seed random subset of each file (``..jsonl[random 40 of 737, seed
+    0]``); ``progress(eval_file, done, total)`` is called after each answer. Rows: task
+    ``bfcl_calls``, method ``llm-<tool_choice>``, plus the string fields ``model`` and
+    ``tool_choice``.
+    """
+    from sage_prefect.tasks.client import EndpointConfig, client
+
+    if tool_choice not in BFCL_TOOL_CHOICES:
+        raise ValueError(f"tool_choice must be one of {BFCL_TOOL_CHOICES}, got {tool_choice!r}")
+    if concurrency < 1 or max_tokens < 1:
+        raise ValueError(f"concurrency and max_tokens must be >= 1, got {concurrency} and {max_tokens}")
+    folder = _folder(data_dir, "BFCL data")
+    api = client(EndpointConfig(base_url=base_url, api_key=api_key), "evaluate_bfcl_calls")
+    method = f"llm-{tool_choice}"
+    rows: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
+    for path in _bfcl_files(folder, files):
+        kind = _bfcl_kind(re.sub(r"^BFCL_v\d+_", "", path.stem))
+        if kind == "irrelevance" and tool_choice == "required":
+            log.info("bfcl_calls: %s skipped: tool_choice 'required' forces a call", path.name)
+            continue
+        cases, note = _subsample(_load_bfcl_cases(path, kind), limit, seed)
+        label = path.name + (f"[{note}]" if note else "")
+        t0 = time.perf_counter()
+        answers = _ask_all(
+            api, model, cases, tool_choice, max_tokens, temperature, concurrency, label, progress
+        )
+        seconds = time.perf_counter() - t0
+        file_records = [
+            {"eval_file": label, "method": method, **score_bfcl_case(case, answer, kind)}
+            for case, answer in zip(cases, answers, strict=True)
+        ]
+        row = bfcl_calls_row(
+            file_records, dataset=folder.name, eval_file=label, method=method, seconds=seconds
+        )
+        row.update(model=model, tool_choice=tool_choice)
+        rows.append(row)
+        records += file_records
+    return rows, records
