@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from collections.abc import Iterator
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import REAL_LLM
 
 from sage_prefect.examples import AGENT_SAMPLE_DIR, DOCS_DIR, QUESTIONS_PATH
 
@@ -91,7 +93,7 @@ def test_rag_qa_answers_with_retrieved_ids_and_stage_latency(
 ) -> None:
     uri = tmp_path / "lance"
     flows["rag_index"](lance_uri=str(uri))
-    summary = flows["rag_qa"](lance_uri=str(uri), top_k=3)
+    summary = flows["rag_qa"](lance_uri=str(uri), top_k=3, llm_model=REAL_LLM)
 
     answers = _table(uri, "answers").to_pylist()
     questions = QUESTIONS_PATH.read_text().splitlines()
@@ -105,6 +107,21 @@ def test_rag_qa_answers_with_retrieved_ids_and_stage_latency(
     # Retrieval with the real MiniLM model finds the right document for most questions.
     assert summary["mean_recall_at_k"] >= 0.75, summary
     assert {"latency_retrieve_ms_p50", "latency_generate_ms_p50"} <= set(summary)
+    # The real model's answers: greedy, so the same every run (5 of 16 when measured); a
+    # random-weight model scores 0 here.
+    assert summary["mean_answer_contains"] >= 3 / 16, summary
+
+    # The answers are on the flow run as a table artifact.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["rag-qa-answers"]))
+        )
+    table = json.loads(artifacts[-1].data) if isinstance(artifacts[-1].data, str) else artifacts[-1].data
+    assert [r["question"] for r in table] == [r["question"] for r in answers]
+    assert all({"answer", "cited_ids", "exact_match", "answer_contains", "token_f1"} <= set(r) for r in table)
 
     # A run that fails part-way leaves the last complete answers table as it was.
     bad = tmp_path / "bad.jsonl"

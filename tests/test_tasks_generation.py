@@ -30,7 +30,15 @@ from sage_prefect.tasks.rag.evaluate import (
     recall_at_k,
     token_f1,
 )
-from sage_prefect.tasks.rag.generation import Generator, QAPromptor, Reranker, fuse_scores
+from sage_prefect.tasks.rag.generation import (
+    CITING_QA_SYSTEM,
+    CITING_QA_TEMPLATE,
+    DEFAULT_QA_SYSTEM,
+    Generator,
+    QAPromptor,
+    Reranker,
+    fuse_scores,
+)
 
 MODEL = "sage-tiny-random-lm"
 
@@ -275,8 +283,24 @@ PROMPT_ROW = {
 }
 
 
-def test_qa_promptor_default_template() -> None:
+def test_qa_promptor_default_template_suits_small_models() -> None:
     out = QAPromptor({}).run(PROMPT_ROW)
+    system, user = out["messages"]
+    assert system == {"role": "system", "content": DEFAULT_QA_SYSTEM}
+    assert user["content"] == (
+        "Context:\nThe dashboard listens on port 4200.\n\nSet PREFECT_UI_URL to change it.\n\n"
+        "Ports below 1024 need root.\n\nQuestion: What port does the dashboard use?"
+    )
+    assert out["cited_ids"] == ["guide.md#0", "guide.md#1", "faq.md#3"]
+    two = QAPromptor({"max_chunks": 2}).run(PROMPT_ROW)
+    assert "Ports below" not in two["messages"][1]["content"] and two["cited_ids"] == [
+        "guide.md#0",
+        "guide.md#1",
+    ]
+
+
+def test_qa_promptor_citing_template() -> None:
+    out = QAPromptor({"template": CITING_QA_TEMPLATE, "system": CITING_QA_SYSTEM}).run(PROMPT_ROW)
     system, user = out["messages"]
     assert system["role"] == "system" and "cite" in system["content"].lower()
     assert user["role"] == "user"

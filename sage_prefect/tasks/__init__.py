@@ -35,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "QAPromptor": "sage_prefect.tasks.rag.generation",
     "Generator": "sage_prefect.tasks.rag.generation",
     "ExactMatch": "sage_prefect.tasks.rag.evaluate",
+    "AnswerContains": "sage_prefect.tasks.rag.evaluate",
     "TokenF1": "sage_prefect.tasks.rag.evaluate",
     "RecallAtK": "sage_prefect.tasks.rag.evaluate",
     "MRR": "sage_prefect.tasks.rag.evaluate",

@@ -29,6 +29,7 @@ from sage_prefect.tasks.base import Operator, OperatorConfig
 
 __all__ = [
     "MRR",
+    "AnswerContains",
     "ExactMatch",
     "LatencySummary",
     "RecallAtK",
@@ -78,6 +79,19 @@ def exact_match(prediction: str, answers: str | Iterable[str]) -> float:
     """
     guess = normalize_answer(prediction)
     return 1.0 if any(guess == normalize_answer(gold) for gold in _golds(answers)) else 0.0
+
+
+def answer_contains(prediction: str, answers: str | Iterable[str]) -> float:
+    """1.0 when a normalised gold answer appears, as whole words, inside the normalised
+    prediction (open-domain QA's "has answer"; fair to a model that answers in a sentence).
+
+    >>> answer_contains("The work pool is called sage-process.", ["sage-process"])
+    1.0
+    >>> answer_contains("It runs at 2 am.", ["nightly at 02:00"])
+    0.0
+    """
+    guess = f" {normalize_answer(prediction)} "
+    return 1.0 if any(f" {g} " in guess for g in map(normalize_answer, _golds(answers)) if g) else 0.0
 
 
 def _f1(prediction: str, gold: str) -> float:
@@ -363,6 +377,23 @@ class ExactMatch(_MetricOperator):
         cfg = self.cfg
         prediction = self._strings(record, cfg.prediction_field, index, "predicted answer")[0]
         return exact_match(prediction, self._strings(record, cfg.answers_field, index, "gold answers"))
+
+
+class AnswerContains(_MetricOperator):
+    """Adds ``answer_contains``: 1.0 when a gold answer appears inside ``answer`` after SQuAD
+    normalisation (`answer_contains`), else 0.0."""
+
+    class Config(_MetricConfig):
+        prediction_field: str = "answer"
+        answers_field: str = "answers"
+        output_field: str = "answer_contains"
+
+    cfg: Config
+
+    def _metric(self, record: Record, index: int | None) -> float:
+        cfg = self.cfg
+        prediction = self._strings(record, cfg.prediction_field, index, "predicted answer")[0]
+        return answer_contains(prediction, self._strings(record, cfg.answers_field, index, "gold answers"))
 
 
 class TokenF1(_MetricOperator):
