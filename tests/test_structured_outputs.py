@@ -382,3 +382,68 @@ def test_bad_tool_and_format_fields_get_400_naming_the_field(
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error", error
+
+
+def test_an_openai_upstream_forwards_tools_and_formats(controlplane: str, tmp_path: Any) -> None:
+    """A gateway whose model is an ``openai`` upstream (here the session's gateway; in production
+    a ``vllm serve``) forwards tools / tool_choice / response_format unchanged and relays the calls."""
+    import yaml
+
+    from sage_prefect.controlplane.server import start_background
+
+    config = {
+        "models": [
+            {
+                "name": "front",
+                "kind": "llm",
+                "engine": "openai",
+                "params": {"base_url": controlplane, "model": REAL_LLM},
+            }
+        ]
+    }
+    (tmp_path / "front.yaml").write_text(yaml.safe_dump(config))
+    with start_background(tmp_path / "front.yaml", log=tmp_path / "front.log") as front:
+        c = client(front.base_url)
+        kwargs: dict[str, Any] = {
+            "messages": ASK_WEATHER,
+            "tools": TOOLS,
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "max_tokens": 64,
+            "temperature": 0,
+        }
+        direct = client(controlplane).chat.completions.create(model=REAL_LLM, **kwargs)
+        via = c.chat.completions.create(model="front", **kwargs)
+        assert via.choices[0].finish_reason == "tool_calls"
+        call, expected = via.choices[0].message.tool_calls[0], direct.choices[0].message.tool_calls[0]
+        assert (call.function.name, call.function.arguments) == (
+            expected.function.name,
+            expected.function.arguments,
+        )
+
+        streamed = [
+            ch for ch in c.chat.completions.create(model="front", stream=True, **kwargs) if ch.choices
+        ]
+        deltas = [tc for ch in streamed for tc in (ch.choices[0].delta.tool_calls or [])]
+        assert deltas[0].function.name == "get_weather"
+        assert "".join(d.function.arguments or "" for d in deltas) == expected.function.arguments
+        assert streamed[-1].choices[0].finish_reason == "tool_calls"
+
+        fmt = {"type": "json_schema", "json_schema": {"name": "order", "schema": SCHEMAS["order"]}}
+        answer = c.chat.completions.create(
+            model="front",
+            messages=[{"role": "user", "content": PROMPTS["order"]}],
+            response_format=fmt,
+            max_tokens=160,
+            temperature=0,
+        )
+        assert validates(answer.choices[0].message.content, "order")
+        bad = httpx.post(
+            f"{front.base_url}/chat/completions",
+            json={
+                "model": "front",
+                "messages": ASK_WEATHER,
+                "tools": TOOLS,
+                "tool_choice": {"type": "function", "function": {"name": "nope"}},
+            },
+        )
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice"
