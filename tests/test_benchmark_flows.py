@@ -196,6 +196,7 @@ def test_agent_flow_scores_every_task_on_the_shipped_sample(
         ("planning", "metatool"),
         ("timing", "metatool"),
         ("timing", "bfcl"),
+        ("bfcl_calls", "bfcl"),
     }
     plots = sorted(p.name for p in (_artifacts(run) / "plots").iterdir())
     assert any(p.startswith("selection-metatool") for p in plots) and any(

@@ -93,7 +93,8 @@ def test_rag_qa_answers_with_retrieved_ids_and_stage_latency(
 ) -> None:
     uri = tmp_path / "lance"
     flows["rag_index"](lance_uri=str(uri))
-    summary = flows["rag_qa"](lance_uri=str(uri), top_k=3, llm_model=REAL_LLM)
+    state = flows["rag_qa"](lance_uri=str(uri), top_k=3, llm_model=REAL_LLM, return_state=True)
+    summary = state.result()
 
     answers = _table(uri, "answers").to_pylist()
     questions = QUESTIONS_PATH.read_text().splitlines()
@@ -113,14 +114,17 @@ def test_rag_qa_answers_with_retrieved_ids_and_stage_latency(
 
     # The answers are on the flow run as a table artifact.
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["rag-qa-answers"]))
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["rag-qa-answers"]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+            )
         )
-    table = json.loads(artifacts[-1].data) if isinstance(artifacts[-1].data, str) else artifacts[-1].data
-    assert [r["question"] for r in table] == [r["question"] for r in answers]
+    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    assert sorted(r["question"] for r in table) == sorted(r["question"] for r in answers)
     assert all({"answer", "cited_ids", "exact_match", "answer_contains", "token_f1"} <= set(r) for r in table)
 
     # A run that fails part-way leaves the last complete answers table as it was.

@@ -196,12 +196,12 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "person": {
         "type": "object",
         "properties": {
-            "name": {"type": "string", "maxLength": 24},
+            "name": {"type": "string", "maxLength": 16},
             "age": {"type": "integer", "minimum": 0, "maximum": 120},
             "address": {
                 "type": "object",
                 "properties": {
-                    "city": {"type": "string", "maxLength": 24},
+                    "city": {"type": "string", "maxLength": 16},
                     "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
                 },
                 "required": ["city", "zip"],
@@ -218,12 +218,12 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "items": {
                 "type": "array",
                 "minItems": 1,
-                "maxItems": 3,
+                "maxItems": 2,
                 "items": {
                     "type": "object",
                     "properties": {
-                        "sku": {"type": "string", "maxLength": 12},
-                        "qty": {"type": "integer", "minimum": 1},
+                        "sku": {"type": "string", "maxLength": 8},
+                        "qty": {"type": "integer", "minimum": 1, "maximum": 99},
                     },
                     "required": ["sku", "qty"],
                     "additionalProperties": False,
@@ -239,7 +239,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "properties": {
             "rating": {"type": "integer", "enum": [1, 2, 3, 4, 5]},
             "tags": {"type": "array", "items": {"enum": ["fast", "cheap", "broken", "great"]}, "maxItems": 3},
-            "summary": {"type": "string", "maxLength": 40},
+            "summary": {"type": "string", "maxLength": 24},
             "scores": {
                 "type": "object",
                 "properties": {

@@ -448,7 +448,7 @@ def test_planner_plans_through_tool_calls_and_falls_back_to_retrieval(controlpla
             "llm_model": REAL_LLM,
         }
     )
-    rows = planner.run([{"query": m["query"], "gold": m["tool"]} for m in multi])
+    rows = planner.run([{"query": m["query"], "gold": m["tool"]} for m in multi[:8]])
     registry = planner.registry
     first_hits = 0
     covered = 0
@@ -465,7 +465,7 @@ def test_planner_plans_through_tool_calls_and_falls_back_to_retrieval(controlpla
     print(f"planner: first step in gold {first_hits}/{len(rows)}, gold coverage {covered / len(rows):.2f}")
     # the real model plans through tool calls (valid by construction, so no fallback here)
     assert {r["plan_source"] for r in rows} == {"llm"}
-    assert first_hits >= 0.4 * len(rows)  # measured 9/15; the retrieval planner's own floor is below
+    assert first_hits >= 0.4 * len(rows)  # measured 5 of 8
 
     retrieval = Planner(
         {
