@@ -32,8 +32,10 @@ random-weight test model ``sage-tiny-random-lm`` (meaningless text: every answer
 
 Run:  .venv/bin/python benchmarks/llm_batching.py [--model smollm2-135m-instruct] [--threads 1]
           [--dtype auto] [--requests 64] [--concurrency 16] [--max-tokens 96]
-Writes benchmarks/results/llm_batching.json (``--out``) and prints a table (5-10 minutes on
-two cores for the real model; the one-at-a-time arm is most of it).
+Writes benchmarks/results/llm_batching.json (``--out``) and prints a table (8-12 minutes
+on the 2-core machine for the real model in float32, 7-10 in bfloat16; the one-at-a-time arm is
+5-7 of them). ``--dtype bfloat16 --out benchmarks/results/llm_batching_bfloat16.json`` is the
+bfloat16 run kept beside the default one.
 
 Run it on an otherwise idle machine: other processes competing for the cores slow every arm,
 but not equally (torch's worker threads wait on each other at every op, and a batched step

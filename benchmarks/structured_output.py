@@ -24,8 +24,8 @@ decode step's wall time by batch size in both arms, and the grammar compile per 
 
 Run:  .venv/bin/python benchmarks/structured_output.py [--model smollm2-135m-instruct] [--threads 1]
           [--dtype auto] [--requests 64] [--concurrency 16] [--max-tokens 192] [--no-sampled]
-Writes benchmarks/results/structured_output.json (``--out``) and prints a table (about 5-10
-minutes on two cores). ``--model tiny`` (random weights) runs too, but its free output is noise:
+Writes benchmarks/results/structured_output.json (``--out``) and prints a table (about 14
+minutes on the 2-core machine: four passes of 3-4 minutes; ``--no-sampled`` halves it). ``--model tiny`` (random weights) runs too, but its free output is noise:
 only the constrained arm's validity and the costs mean anything there.
 
 Measure on an otherwise idle machine (see `llm_batching`); the load average before and after
