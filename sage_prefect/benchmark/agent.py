@@ -22,10 +22,17 @@ Evaluators (`evaluate_selection`, `evaluate_bfcl_selection`, `evaluate_planning`
 <metrics>, "seconds", "setup_seconds", "fitted_on"}``: ``seconds`` is the time spent scoring
 that file with that method, ``setup_seconds`` the one-time set-up (embedding tools, fitting)
 charged to the first row that needed it. Methods that ask the chat model also report
-``fallback_fraction``: the share of items where the model's reply was unusable and the
-operator fell back (the project's default model is a tiny random-weight LM, so expect ~1.0;
-those rows then measure the fallback, not a model). `metric_name` / `row_metrics` turn a row
+``fallback_fraction``: the share of items where the model's reply was unusable (or the request
+was refused) and the operator fell back; with the random-weight test model expect ~1.0, and
+the rows then measure the fallback, not a model. `metric_name` / `row_metrics` turn a row
 into MLflow-safe metric keys such as ``selection.metatool.selection_dev_holdout.embedding.top1_accuracy``.
+
+BFCL's own metric: `evaluate_bfcl_calls` sends each BFCL case with its functions as OpenAI
+``tools`` to any OpenAI-compatible endpoint and checks the reply's ``tool_calls`` with BFCL's
+AST rules (`sage_prefect.benchmark.bfcl`); it returns rows (task ``bfcl_calls``, method
+``llm-<tool_choice>``: accuracy, ``<kind>_fraction`` per `BFCL_ANSWER_KINDS`, ``error:<type>``
+counts) and per-case records. `score_bfcl_case` and `bfcl_calls_row` are its scoring path,
+usable on answers made by hand (`BfclAnswer`).
 
 A folder lacking a kind of file yields no rows for it; a malformed file raises the loaders'
 `DataFormatError` naming the file (and line). ``limit`` scores a fixed-seed random subset of
