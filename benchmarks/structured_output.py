@@ -452,6 +452,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         "valid",
         "parse~",
         "valid~",
+        "valid|ended",
         "(b)/(a)",
     )
     for col in cols:

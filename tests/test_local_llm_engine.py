@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,11 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from sage_prefect.controlplane.engines.base import EngineError, GenerationRequest, TokenEvent  # noqa: E402
-from sage_prefect.controlplane.engines.local_llm import TransformersLLMEngine  # noqa: E402
+from sage_prefect.controlplane.engines.local_llm import (  # noqa: E402
+    PREFILL_PADDING_SLACK,
+    TransformersLLMEngine,
+    _prefill_groups,
+)
 from sage_prefect.controlplane.engines.tiny_model import (  # noqa: E402
     MARKER,
     MODEL_NAME,
@@ -142,6 +147,22 @@ def test_concurrent_requests_are_batched_and_match_solo_runs(engine: Transformer
     assert all(events[-1].finish_reason in ("length", "stop") for events in together)
     # Batched (left-padded, merged) rows compute the same greedy tokens as the requests alone.
     assert [_text(events) for events in together[:3]] == solo
+
+
+def test_prefill_passes_group_prompts_of_similar_length() -> None:
+    """Padding costs a CPU as much as a token: a long prompt never pads a pass of short ones."""
+    from types import SimpleNamespace
+
+    lengths = [30, 160, 25, 33, 28, 150, 40, 31]
+    seqs: list[Any] = [SimpleNamespace(prompt_ids=[0] * n) for n in lengths]
+    groups = _prefill_groups(seqs)
+    assert sorted(len(s.prompt_ids) for g in groups for s in g) == sorted(lengths)  # each exactly once
+    for group in groups:
+        sizes = [len(s.prompt_ids) for s in group]
+        assert max(sizes) * len(sizes) <= PREFILL_PADDING_SLACK * sum(sizes), sizes
+    assert [len(s.prompt_ids) for s in groups[-1]] == [150, 160]  # the long two share a pass
+    assert len(groups) < len(lengths)  # similar short prompts still share a pass
+    assert _prefill_groups([]) == []
 
 
 def test_requests_join_a_running_batch_mid_stream(engine: TransformersLLMEngine) -> None:

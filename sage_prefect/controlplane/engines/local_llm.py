@@ -9,7 +9,8 @@ batching loop of its own; the asyncio side only tokenizes, validates and reads e
   left-padded (right-aligned) to a common length, with a 2-D attention mask and explicit
   per-row ``position_ids`` (so padding never shifts a sequence's positions).
 * At every step boundary the loop (1) drops cancelled sequences, (2) admits waiting requests
-  into free slots: they are prefilled *together* in one batched forward pass, their first
+  into free slots: they are prefilled in batched forward passes of similar-length prompts
+  (``_prefill_groups``: padding costs as much as a real token on a CPU), their first
   token sampled, and their KV cache is left-padded and concatenated onto the running
   batch's cache (no re-prefill of the running sequences), (3) runs one batched decode
   forward for all running sequences, samples each row with its own settings, and
@@ -81,7 +82,32 @@ logger = logging.getLogger(__name__)
 
 GREEDY_TEMPERATURE = 1e-5  # temperatures at or below this decode greedily
 PREFILL_TOKEN_BUDGET = 8192  # padded prompt tokens admitted in one prefill pass (at least one request)
+PREFILL_PADDING_SLACK = 1.25  # a prefill pass may hold at most this many padded tokens per prompt token
 _REPLACEMENT = "\ufffd"
+
+
+def _prefill_groups(seqs: list[_Sequence]) -> list[list[_Sequence]]:
+    """Split admitted requests into prefill passes of similar prompt length.
+
+    A batched prefill pads every prompt to the longest one, and on a CPU a forward pass costs
+    about the same per token, padding included (SmolLM2-135M, 1 thread: 16 prompts of 25-163
+    tokens padded into one pass took 10.3 s, the same prompts one by one about 4 s). Prompts are
+    sorted by length and cut into passes holding at most ``PREFILL_PADDING_SLACK`` padded tokens
+    per real one, so similar prompts still share a pass and a long one does not pad the rest.
+    """
+    groups: list[list[_Sequence]] = []
+    group: list[_Sequence] = []
+    tokens = 0
+    for seq in sorted(seqs, key=lambda s: len(s.prompt_ids)):
+        n = len(seq.prompt_ids)  # the longest so far: the group pads to it
+        if group and n * (len(group) + 1) > PREFILL_PADDING_SLACK * (tokens + n):
+            groups.append(group)
+            group, tokens = [], 0
+        group.append(seq)
+        tokens += n
+    if group:
+        groups.append(group)
+    return groups
 
 
 def _deliver(
@@ -470,8 +496,8 @@ class TransformersLLMEngine(LLMEngine):
         self._drop_cancelled()
         admitted = self._take_waiting()
         try:
-            if admitted:
-                self._prefill(admitted)
+            for group in _prefill_groups(admitted):
+                self._prefill(group)
             if self._rows:
                 self._decode_step()
         except Exception as exc:  # a failed step fails the sequences in it; the engine keeps serving
