@@ -33,6 +33,18 @@ REAL_LLM = "smollm2-135m-instruct"  # the real instruct model, from the model st
 TINY_LLM = "sage-tiny-random-lm"  # random weights: meaningless text, for tests where text does not matter
 
 
+def sigint_as_in_a_terminal() -> None:
+    """``preexec_fn`` for a child the test stops with SIGINT (Ctrl-C).
+
+    A suite started in the background (``pytest &``, nohup, some CI runners) hands SIGINT to its
+    children as ignored, and Python then never raises KeyboardInterrupt: the child would only
+    die by the SIGKILL after the grace period. Restoring the default makes SIGINT act as Ctrl-C.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import sigint_as_in_a_terminal
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "sage_prefect.cli.main"]
@@ -81,6 +82,7 @@ def test_cluster_up_serves_labelled_workers_until_interrupted(tmp_path: Path) ->
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=sigint_as_in_a_terminal,
     )
     try:
         deadline = time.monotonic() + 90

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import sigint_as_in_a_terminal
 
 from sage_prefect.controlplane.server import free_port
 from sage_prefect.examples import DOCS_DIR
@@ -106,6 +107,7 @@ def test_deploy_trigger_and_run_rag_index(
         stdout=worker_log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=sigint_as_in_a_terminal,
     )
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}), get_client(sync_client=True) as client:
@@ -158,6 +160,7 @@ def test_deploy_serve_registers_the_deployments_with_their_schedule(
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=sigint_as_in_a_terminal,
     )
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings

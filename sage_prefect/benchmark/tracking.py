@@ -358,7 +358,7 @@ def _search(experiment: str, uri: str, max_runs: int, filter_string: str) -> pd.
             order_by=["attributes.start_time DESC"],
         )
     finally:
-        mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]  # None unsets it (mlflow >= 2)
+        mlflow.set_tracking_uri(previous)  # None unsets it (mlflow >= 2)
     assert not isinstance(df, list)
     return df
 
