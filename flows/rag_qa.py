@@ -66,7 +66,7 @@ def rag_qa(
     rerank: Literal["auto", "cross-encoder", "score"] = "auto",
     reranker_model: str | None = None,
     llm_model: str | None = None,
-    context_chunks: int = 2,
+    context_chunks: int = 1,
     max_tokens: int = 48,
     slo_class: str = "batch",
     questions_per_partition: int = 8,
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", choices=["vector", "fts", "hybrid"], default="hybrid")
     parser.add_argument("--top-k", type=int, default=4)
     parser.add_argument("--llm-model", default=None)
-    parser.add_argument("--context-chunks", type=int, default=2, help="passages in each prompt")
+    parser.add_argument("--context-chunks", type=int, default=1, help="passages in each prompt")
     args = parser.parse_args(argv)
     summary = rag_qa(
         questions=args.questions,

@@ -108,6 +108,8 @@ def controlplane(tmp_path_factory: pytest.TempPathFactory, real_model: Path) -> 
 
     tmp = tmp_path_factory.mktemp("controlplane")
     config = ControlPlaneConfig().model_dump(mode="json", exclude={"api_keys_file"})
+    (real,) = [m for m in config["models"] if m["name"] == REAL_LLM]
+    real["params"]["max_batch_size"] = 48  # the structured-output tests send 150 requests at once
     config["models"].append(
         {"name": TINY_LLM, "kind": "llm", "engine": "transformers", "params": {"model": "tiny"}}
     )

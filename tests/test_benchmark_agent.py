@@ -493,32 +493,32 @@ def test_shared_agent_data_bounded(controlplane: str) -> None:
     start = time.perf_counter()
     methods = {
         "keyword": {"method": "keyword"},
-        "embedding": {"method": "embedding", "max_exemplars_per_tool": 8},  # a bounded fit
+        "embedding": {"method": "embedding", "max_exemplars_per_tool": 4},  # a bounded fit
     }
-    selection = evaluate_selection(meta, methods, base_url=controlplane, limit=200)
+    selection = evaluate_selection(meta, methods, base_url=controlplane, limit=100)
     _check_rows(selection, "selection")
-    label = "selection_dev.csv[held-out 20%, seed 0; random 200 of 2886, seed 0]"
-    assert {r["eval_file"] for r in selection} == {label} and all(r["n"] == 200 for r in selection)
+    label = "selection_dev.csv[held-out 20%, seed 0; random 100 of 2886, seed 0]"
+    assert {r["eval_file"] for r in selection} == {label} and all(r["n"] == 100 for r in selection)
     kw, emb = _one(selection, method="keyword"), _one(selection, method="embedding")
     assert emb["fitted_on"] == "selection_dev.csv[fit 80%, seed 0]"
     print(
-        "MetaTool selection (200 held-out):", {r["method"]: round(r["top1_accuracy"], 3) for r in selection}
+        "MetaTool selection (100 held-out):", {r["method"]: round(r["top1_accuracy"], 3) for r in selection}
     )
     assert emb["top1_accuracy"] > kw["top1_accuracy"] + 0.05, (kw, emb)
 
-    bfcl_rows = evaluate_bfcl_selection(bfcl, ["keyword", "embedding"], base_url=controlplane, limit=100)
+    bfcl_rows = evaluate_bfcl_selection(bfcl, ["keyword", "embedding"], base_url=controlplane, limit=50)
     _check_rows(bfcl_rows, "selection")
     assert {r["eval_file"] for r in bfcl_rows} == {
-        "BFCL_v4_live_multiple.jsonl[random 100 of 737, seed 0]",
-        "BFCL_v4_multiple.jsonl[random 100 of 200, seed 0]",
+        "BFCL_v4_live_multiple.jsonl[random 50 of 737, seed 0]",
+        "BFCL_v4_multiple.jsonl[random 50 of 200, seed 0]",
     }
     assert all(r["top1_accuracy"] > 0.6 for r in bfcl_rows), bfcl_rows
 
-    planning = evaluate_planning(meta, ["retrieval"], base_url=controlplane, limit=40)
+    planning = evaluate_planning(meta, ["retrieval"], base_url=controlplane, limit=20)
     _check_rows(planning, "planning")
-    assert planning[0]["eval_file"] == "multi_tool_dev.json[held-out 20%, seed 0; random 40 of 69, seed 0]"
+    assert planning[0]["eval_file"] == "multi_tool_dev.json[held-out 20%, seed 0; random 20 of 69, seed 0]"
 
-    timing = evaluate_timing(meta, bfcl, ["rule", "embedding"], base_url=controlplane, limit=60)
+    timing = evaluate_timing(meta, bfcl, ["rule", "embedding"], base_url=controlplane, limit=30)
     _check_rows(timing, "timing")
     files = {r["eval_file"].split("[")[0] for r in timing}
     assert files == {
@@ -528,8 +528,8 @@ def test_shared_agent_data_bounded(controlplane: str) -> None:
         "BFCL_v4_live_relevance.jsonl",
         "combined",
     }
-    dev_rows = _by(timing, eval_file="timing_dev.json[held-out 20%, seed 0; random 60 of 146, seed 0]")
-    assert len(dev_rows) == 2 and all(r["n"] == 60 for r in dev_rows)
+    dev_rows = _by(timing, eval_file="timing_dev.json[held-out 20%, seed 0; random 30 of 146, seed 0]")
+    assert len(dev_rows) == 2 and all(r["n"] == 30 for r in dev_rows)
     assert _one(timing, method="rule", eval_file="BFCL_v4_live_relevance.jsonl")["n"] == 16
     elapsed = time.perf_counter() - start
     print(f"shared-data bounded evaluation: {elapsed:.1f}s")

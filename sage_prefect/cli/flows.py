@@ -120,7 +120,7 @@ def run_flows(
                 f"parameter {stray[0]!r} is not a parameter of {', '.join(names)}", field=stray[0]
             )
         runs: list[tuple[str, str, dict[str, Any]]] = []
-        with connect_or_start() as base_url:
+        with connect_or_start(while_starting=_start_prefect_ephemeral_api) as base_url:
             console.print(f"control plane: {base_url}")
             for name, flow in flows.items():
                 mine = {k: v for k, v in params.items() if k in flow.parameters.properties}
@@ -133,6 +133,18 @@ def run_flows(
     except SageError as exc:
         raise _fail(exc) from None
     _where_to_look(runs)
+
+
+def _start_prefect_ephemeral_api() -> None:
+    """Without a Prefect API URL, start Prefect's temporary API server now (what the first flow
+    call would do), while the embedded control plane loads its models in its own process."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    SubprocessASGIServer().start()  # the same singleton flows use; stopped at exit
 
 
 def _where_to_look(runs: list[tuple[str, str, dict[str, Any]]]) -> None:

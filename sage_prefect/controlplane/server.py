@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +71,13 @@ def start_background(
     log: Path | None = None,
     env: dict[str, str] | None = None,
     startup_timeout: float = 180,
+    while_starting: Callable[[], None] | None = None,
 ) -> Background:
-    """Start ``python -m sage_prefect.controlplane.server`` and wait until ``/health`` answers."""
+    """Start ``python -m sage_prefect.controlplane.server`` and wait until ``/health`` answers.
+
+    ``while_starting`` runs in this process while the gateway loads its models (the CLI starts
+    Prefect's temporary API server there: the two start-ups overlap instead of adding up).
+    """
     port = port or free_port()
     log = log or Path(os.environ.get("TMPDIR", "/tmp")) / f"sage-controlplane-{port}.log"
     cmd = [sys.executable, "-m", "sage_prefect.controlplane.server", "--port", str(port)]
@@ -83,25 +88,35 @@ def start_background(
         cmd, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
     )
     bg = Background(process, f"http://127.0.0.1:{port}/v1", log)
-    deadline = time.monotonic() + startup_timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"the control plane exited with {process.returncode}:\n{log.read_text()[-3000:]}"
-            )
-        try:
-            if httpx.get(f"{bg.url}/health", timeout=1).status_code == 200:
-                return bg
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    try:
+        if while_starting is not None:
+            while_starting()
+        deadline = time.monotonic() + startup_timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"the control plane exited with {process.returncode}:\n{log.read_text()[-3000:]}"
+                )
+            try:
+                if httpx.get(f"{bg.url}/health", timeout=1).status_code == 200:
+                    return bg
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+    except BaseException:
+        bg.stop()
+        raise
     bg.stop()
     raise TimeoutError(f"the control plane did not answer /health within {startup_timeout} s; log: {log}")
 
 
 @contextmanager
 def connect_or_start(
-    url: str | None = None, *, config_path: str | Path | None = None, log: Path | None = None
+    url: str | None = None,
+    *,
+    config_path: str | Path | None = None,
+    log: Path | None = None,
+    while_starting: Callable[[], None] | None = None,
 ) -> Iterator[str]:
     """Yield the ``.../v1`` base URL of a control plane for the duration of the block.
 
@@ -109,6 +124,7 @@ def connect_or_start(
     started or stopped); otherwise an embedded control plane is started on 127.0.0.1 for
     the block and stopped after it. While the block runs, ``SAGE_CONTROLPLANE_URL`` is set
     in this process, so code that reads settings (operators, subprocesses) finds it.
+    ``while_starting`` runs while an embedded one loads its models (see `start_background`).
     """
     from sage_prefect.common.settings import load_settings
 
@@ -122,7 +138,7 @@ def connect_or_start(
         log = log_dir / "controlplane-embedded.log"
     prepare_models(config_path)  # a first run pulls the default chat model here, with progress
     previous = os.environ.get("SAGE_CONTROLPLANE_URL")
-    with start_background(config_path, log=log) as bg:
+    with start_background(config_path, log=log, while_starting=while_starting) as bg:
         os.environ["SAGE_CONTROLPLANE_URL"] = bg.base_url
         try:
             yield bg.base_url
