@@ -549,10 +549,10 @@ def test_timing_embedding_and_llm(controlplane: str) -> None:
     reason=f"MetaTool data not found at {SHARED_META} (see ../shared/data/README.md)",
 )
 def test_metatool_embedding_selector_beats_keyword(controlplane: str) -> None:
-    # Only a _dev file exists: fit on 80% of it, score 300 queries of the fixed-seed held-out 20%.
+    # Only a _dev file exists: fit on 80% of it, score 150 queries of the fixed-seed held-out 20%.
     rows = load_selection(SHARED_META / "selection_dev.csv")
     _, held_out = holdout_split(rows, 0.2, seed=0)
-    held_out = held_out[:300]
+    held_out = held_out[:150]
     queries, gold = [r["query"] for r in held_out], [r["tool"] for r in held_out]
     base = {"tools_path": str(SHARED_META / "tools.json"), "base_url": controlplane}
     keyword = ToolSelector({**base, "method": "keyword"})
@@ -563,7 +563,7 @@ def test_metatool_embedding_selector_beats_keyword(controlplane: str) -> None:
             "exemplars_path": str(SHARED_META / "selection_dev.csv"),
             "holdout_fraction": 0.2,
             "seed": 0,
-            "max_exemplars_per_tool": 8,
+            "max_exemplars_per_tool": 4,
         }
     )
     kw, emb = keyword.rank(queries, k=3), embedding.rank(queries, k=3)

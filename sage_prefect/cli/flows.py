@@ -137,14 +137,31 @@ def run_flows(
 
 def _start_prefect_ephemeral_api() -> None:
     """Without a Prefect API URL, start Prefect's temporary API server now (what the first flow
-    call would do), while the embedded control plane loads its models in its own process."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+    call would do), while the embedded control plane loads its models in its own process.
+
+    Its first start creates the database; with the control plane loading beside it on a small
+    machine that took longer than Prefect's default 20 s wait here, so this waits up to 120 s
+    (or longer, if PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS says so).
+    """
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    )
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return
     from prefect.server.api.server import SubprocessASGIServer
 
-    SubprocessASGIServer().start()  # the same singleton flows use; stopped at exit
+    timeout = max(120, int(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
+    try:
+        SubprocessASGIServer().start(timeout=timeout)  # the same singleton flows use; stopped at exit
+    except RuntimeError as exc:
+        raise SageError(
+            f"Prefect's temporary API server did not start ({exc}). Start one with "
+            "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api, or allow "
+            "a slow machine more time with PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS."
+        ) from exc
 
 
 def _where_to_look(runs: list[tuple[str, str, dict[str, Any]]]) -> None:
