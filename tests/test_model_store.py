@@ -269,9 +269,13 @@ def test_parallel_pulls_end_with_one_good_directory(
     assert _leftovers(store) == []
 
 
-def test_cli_lists_and_pulls(smollm2: Path) -> None:
+def test_cli_lists_and_pulls(smollm2: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sage_prefect.cli import models as models_cli
     from sage_prefect.cli.main import app
 
+    # rich fixes a Console's width from COLUMNS when it is created (at import): whatever the
+    # environment was then, print the table wide enough that no cell wraps
+    monkeypatch.setattr(models_cli.console, "width", 400)
     listed = CliRunner().invoke(app, ["models", "list"], env={"COLUMNS": "400"})
     assert listed.exit_code == 0, listed.output
     rows = {line.split("│")[1].strip(): line for line in listed.output.splitlines() if line.count("│") > 5}
