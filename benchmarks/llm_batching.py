@@ -192,6 +192,41 @@ def model_label(engine: TransformersLLMEngine, model: str) -> str:
     return f"{engine.name} ({engine.path})"
 
 
+def report_header(
+    script: str,
+    engine: TransformersLLMEngine,
+    model: str,
+    load_before: tuple[float, float, float],
+    load_after: tuple[float, float, float],
+) -> dict[str, Any]:
+    """The first fields of an LLM benchmark's JSON: command, commit, machine, load, model."""
+    import torch
+    import transformers
+
+    return {
+        "command": " ".join([".venv/bin/python", f"benchmarks/{script}", *sys.argv[1:]]),
+        "git_commit": git_commit(),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}",
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in load_after],
+        "idle_machine_note": IDLE_NOTE,
+        "model": model_label(engine, model),
+        "random_weights": is_random_weight(model) or "tiny-random" in engine.name,
+        "device": "cpu",
+    }
+
+
+def print_caveats(report: dict[str, Any], console: Console) -> None:
+    """Say when the figures are of random weights or of a machine that was not idle."""
+    if report["random_weights"]:
+        console.print(f"[yellow]model has {RANDOM_WEIGHTS}[/yellow]")
+    if report["load_average_before"][0] > 0.5:
+        console.print(
+            f"[yellow]load average {report['load_average_before'][0]} before the run: not idle[/yellow]"
+        )
+
+
 def progress_bar(console: Console) -> Progress:
     return Progress(
         TextColumn("{task.description:<24}"),
@@ -484,8 +519,6 @@ def spread(values: list[int]) -> dict[str, Any]:
 
 
 async def bench(args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    import torch
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     load_before = os.getloadavg()
@@ -577,16 +610,7 @@ async def bench(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     vs_hf = con_sum["tokens_per_s"] / hf_sum["tokens_per_s"]
     n_steps = sum(steps.values())
     return {
-        "command": " ".join([".venv/bin/python", "benchmarks/llm_batching.py", *sys.argv[1:]]),
-        "git_commit": git_commit(),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"torch {torch.__version__}, transformers {transformers.__version__}",
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in load_after],
-        "idle_machine_note": IDLE_NOTE,
-        "model": model_label(engine, args.model),
-        "random_weights": is_random_weight(args.model) or "tiny-random" in engine.name,
-        "device": "cpu",
+        **report_header("llm_batching.py", engine, args.model, load_before, load_after),
         "dtype": args.dtype,
         "dtype_resolved": model_dtype,
         "threads": args.threads,
@@ -686,12 +710,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         f"per CPU-second of this process: (b)/(a) = {report['ratio_concurrent_vs_sequential_cpu']}x, "
         f"(b)/(c) = {report['ratio_concurrent_vs_hf_generate_cpu']}x"
     )
-    if report["random_weights"]:
-        console.print(f"[yellow]model has {RANDOM_WEIGHTS}[/yellow]")
-    if report["load_average_before"][0] > 0.5:
-        console.print(
-            f"[yellow]load average {report['load_average_before'][0]} before the run: not idle[/yellow]"
-        )
+    print_caveats(report, console)
 
 
 def main() -> None:

@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -49,14 +48,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from _common import git_commit  # noqa: E402
 from llm_batching import (  # noqa: E402
-    IDLE_NOTE,
-    RANDOM_WEIGHTS,
     EngineTimer,
-    is_random_weight,
-    model_label,
+    print_caveats,
     progress_bar,
+    report_header,
     run_engine,
 )
 from rich.console import Console  # noqa: E402
@@ -307,8 +303,6 @@ def pass_summary(
 
 
 async def bench(args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    import torch
-    import transformers
 
     load_before = os.getloadavg()
     engine = TransformersLLMEngine(
@@ -375,16 +369,7 @@ async def bench(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         )
     prompt_tokens = [engine.count_tokens(p) for p in prompts]
     return {
-        "command": " ".join([".venv/bin/python", "benchmarks/structured_output.py", *sys.argv[1:]]),
-        "git_commit": git_commit(),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"torch {torch.__version__}, transformers {transformers.__version__}",
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in load_after],
-        "idle_machine_note": IDLE_NOTE,
-        "model": model_label(engine, args.model),
-        "random_weights": is_random_weight(args.model) or "tiny-random" in engine.name,
-        "device": "cpu",
+        **report_header("structured_output.py", engine, args.model, load_before, load_after),
         "dtype": args.dtype,
         "threads": args.threads,
         "requests": args.requests,
@@ -495,12 +480,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
                 f"{m['advance_ms_per_token_constrained']} ms/token; grammar compile "
                 f"{m['grammar_compile_ms_per_request']} ms/request"
             )
-    if report["random_weights"]:
-        console.print(f"[yellow]model has {RANDOM_WEIGHTS}[/yellow]")
-    if report["load_average_before"][0] > 0.5:
-        console.print(
-            f"[yellow]load average {report['load_average_before'][0]} before the run: not idle[/yellow]"
-        )
+    print_caveats(report, console)
 
 
 def main() -> None:
