@@ -103,11 +103,10 @@ def start_background(
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
+        raise TimeoutError(f"the control plane did not answer /health within {startup_timeout} s; log: {log}")
     except BaseException:
         bg.stop()
         raise
-    bg.stop()
-    raise TimeoutError(f"the control plane did not answer /health within {startup_timeout} s; log: {log}")
 
 
 @contextmanager
