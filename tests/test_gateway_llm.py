@@ -196,14 +196,14 @@ def test_async_client_concurrent_chats_are_batched(server: Background) -> None:
 
 
 BAD_CHAT = [
-    ({"model": LLM}, "messages", "non-empty list"),
+    ({"model": LLM}, "messages", "'messages' is required"),
     ({"model": LLM, "messages": []}, "messages", "non-empty list"),
     ({"model": LLM, "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "role of"),
     ({"model": LLM, "messages": [{"role": "user", "content": 5}]}, "messages[0].content", "string"),
-    ({"model": LLM, "messages": MESSAGES, "max_tokens": 0}, "max_tokens", "between 1"),
+    ({"model": LLM, "messages": MESSAGES, "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
     ({"model": LLM, "messages": MESSAGES, "max_tokens": "ten"}, "max_tokens", "integer"),
-    ({"model": LLM, "messages": MESSAGES, "temperature": 3}, "temperature", "between 0.0 and 2.0"),
-    ({"model": LLM, "messages": MESSAGES, "top_p": -1}, "top_p", "between"),
+    ({"model": LLM, "messages": MESSAGES, "temperature": 3}, "temperature", "less than or equal to 2"),
+    ({"model": LLM, "messages": MESSAGES, "top_p": -1}, "top_p", "greater than or equal to 0"),
     ({"model": LLM, "messages": MESSAGES, "n": 3}, "n", "n must be 1"),
     ({"model": LLM, "messages": MESSAGES, "stream": "yes"}, "stream", "boolean"),
     ({"model": LLM, "messages": MESSAGES, "stop": [1]}, "stop", "list of up to 4"),

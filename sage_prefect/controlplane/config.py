@@ -73,7 +73,7 @@ class ClassConfig(_Strict):
     e2e_ms: float | None = Field(None, gt=0)
     max_queue: int = Field(1024, ge=1)
     max_queued_tokens: int = Field(2_000_000, ge=1)
-    reject_when_late: bool = False
+    reject_when_late: bool = True  # 429 when the estimated wait exceeds the objective (LLM: TTFT, embeddings: e2e)
     priority: int = 0
 
 
@@ -92,9 +92,14 @@ class KeyConfig(_Strict):
 
 
 class LimitsConfig(_Strict):
+    """What one request may hold; past these it is refused (413 for the body, 400 naming the
+    field otherwise) before anything is rendered, tokenised or queued."""
+
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_inputs: int = Field(2048, ge=1)  # embedding inputs per request
     max_tokens: int = Field(4096, ge=1)  # completion tokens per request
+    max_messages: int = Field(2048, ge=1)  # chat messages per request
+    max_string_chars: int = Field(1_048_576, ge=1)  # one string (content, input, prompt): OpenAI's limit
 
 
 def _default_models() -> list[ModelConfig]:

@@ -65,6 +65,13 @@ class Metrics:
             ["replica"],
             registry=self.registry,
         )
+        self.cancelled = Counter(
+            "sage_cancelled_requests",
+            "Requests whose client went away: 'queued' ones were dropped before any compute, "
+            "'running' ones stopped (an LLM sequence frees its slot; an embedding batch finishes)",
+            [*labels, "stage"],
+            registry=self.registry,
+        )
         self.requests = Counter(
             "sage_requests", "Requests received", ["model", "slo_class", "endpoint"], registry=self.registry
         )

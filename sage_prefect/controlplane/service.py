@@ -24,6 +24,7 @@ from sage_prefect.controlplane.engines.base import (
     EngineError,
     GenerationRequest,
     LLMEngine,
+    RequestFailed,
     TokenEvent,
     UpstreamError,
 )
@@ -211,11 +212,19 @@ class ControlPlane:
             self.metrics.rejected(model, slo, exc.code or str(exc.status))
             raise
         finally:
-            if not waiter.future.done():
-                self._feed(Cancel(rid, loop.time()))
+            if not waiter.future.done() or waiter.future.cancelled():  # the client went away
+                self._cancel(request, loop)
             self._waiters.pop(rid, None)
         self.metrics.observe_e2e(model, slo, time.perf_counter() - started)
         return vectors
+
+    def _cancel(self, request: Request, loop: asyncio.AbstractEventLoop) -> None:
+        """Take a request whose client is gone out of the queue (counted in /metrics)."""
+        if request.id not in self.scheduler.requests:
+            return  # rejected or finished: nothing to take back
+        queued = not any(request.id in r.running for r in self.scheduler.replicas.values())
+        self.metrics.cancelled.labels(request.model, request.slo, "queued" if queued else "running").inc()
+        self._feed(Cancel(request.id, loop.time()))
 
     async def generate(self, model: str, request: GenerationRequest, slo: str) -> AsyncIterator[TokenEvent]:
         """Stream one completion; retried on another replica if its replica fails.
@@ -233,7 +242,11 @@ class ControlPlane:
             "llm",
             slo,
             loop.time(),
-            tokens=self.llm_engine(model).count_tokens(request.prompt),
+            tokens=(
+                len(request.prompt_ids)
+                if request.prompt_ids is not None
+                else self.llm_engine(model).count_tokens(request.prompt)
+            ),
             max_tokens=request.max_tokens,
             priority=request.priority,
         )
@@ -273,6 +286,10 @@ class ControlPlane:
                     finished = True
                     self._feed(Done(replica, (rid,), loop.time()))
                     raise
+                except RequestFailed as exc:  # this request alone: the replica serves on
+                    finished = True
+                    self._feed(Done(replica, (rid,), loop.time()))
+                    raise ServiceError(exc.status, str(exc)) from exc
                 except (EngineError, OSError) as exc:
                     self.metrics.replica_failed(replica)
                     if produced and not buffered:  # the client has part of the answer: no replay
@@ -295,9 +312,10 @@ class ControlPlane:
                 future = waiter.future
                 dispatched = future.done() and not future.cancelled() and future.exception() is None
                 if replica is not None and dispatched:
+                    self.metrics.cancelled.labels(model, slo, "running").inc()
                     self._feed(Done(replica, (rid,), loop.time()))  # client went away mid-stream
-                else:
-                    self._feed(Cancel(rid, loop.time()))
+                elif not future.done() or future.cancelled():
+                    self._cancel(sched_req, loop)  # still queued: dropped
             self._waiters.pop(rid, None)
 
     # ---- the scheduler's actions -----------------------------------------------------

@@ -46,9 +46,10 @@ _ARGS_END = "}" + TOOL_CALL_CLOSE  # the call object's closing brace, then the c
 class InvalidRequest(ValueError):
     """A client mistake in one request (answered 400); ``param`` names the field."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, *, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 # ---------------------------------------------------------------------------------- request checks

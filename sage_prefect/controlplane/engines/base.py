@@ -23,6 +23,16 @@ class EngineError(Exception):
     """An engine (replica) failed; the request may be retried on another replica."""
 
 
+class RequestFailed(Exception):
+    """One request failed inside an engine for a reason of its own (a value the model cannot
+    take, a grammar state, an output it cannot decode): that request alone is answered with
+    ``status``; the replica and the other requests batched with it go on."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class UpstreamError(EngineError):
     """The upstream answered with an error status that belongs to the client (4xx): not retried."""
 
@@ -54,6 +64,10 @@ class GenerationRequest:
     tool_choice: str | dict[str, Any] = "none"
     parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
+    # filled in by the gateway off the event loop (`LLMEngine.prepare`): the prompt's token ids
+    # where the engine tokenises locally, and whatever else the engine precomputed
+    prompt_ids: list[int] | None = None
+    prepared: Any = None
 
     @property
     def constrained(self) -> bool:
@@ -104,7 +118,8 @@ class LLMEngine(abc.ABC):
 
     name: str = "llm"
     slots: int = 1  # sequences it can usefully run at once
-    max_context_tokens: int = 2048
+    max_context_tokens: int | None = 2048  # None: not known here (an upstream checks it itself)
+    accepts_media: bool = False  # content parts other than text (images, audio) reach the model
 
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
@@ -113,6 +128,12 @@ class LLMEngine(abc.ABC):
     @abc.abstractmethod
     def count_tokens(self, text: str) -> int:
         """Prompt tokens as the model counts them."""
+
+    def prepare(self, request: GenerationRequest) -> None:
+        """Check ``request`` and precompute what it needs (called off the event loop, before the
+        request is queued): raise ``ValueError`` (an `InvalidRequest` to name a field) for one
+        that would fail in the engine, so it is a 400 before it is batched with others."""
+        return None
 
     def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         """The prompt for a chat request (engines with a chat template override this); ``tools``

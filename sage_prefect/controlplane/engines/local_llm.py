@@ -66,7 +66,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-from sage_prefect.controlplane.engines.base import EngineError, GenerationRequest, LLMEngine, TokenEvent
+from sage_prefect.controlplane.engines.base import (
+    EngineError,
+    GenerationRequest,
+    LLMEngine,
+    RequestFailed,
+    TokenEvent,
+)
 from sage_prefect.controlplane.structured import (
     InvalidRequest,
     TokenConstraint,
@@ -83,6 +89,7 @@ logger = logging.getLogger(__name__)
 GREEDY_TEMPERATURE = 1e-5  # temperatures at or below this decode greedily
 PREFILL_TOKEN_BUDGET = 8192  # padded prompt tokens admitted in one prefill pass (at least one request)
 PREFILL_PADDING_SLACK = 1.25  # a prefill pass may hold at most this many padded tokens per prompt token
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
 _REPLACEMENT = "\ufffd"
 
 
@@ -207,6 +214,8 @@ class TransformersLLMEngine(LLMEngine):
     >>> engine = TransformersLLMEngine("smollm2-135m-instruct", threads=1)  # doctest: +SKIP
     """
 
+    max_context_tokens: int  # always known here (the model's config, or the setting)
+
     def __init__(
         self,
         model: str,
@@ -275,6 +284,7 @@ class TransformersLLMEngine(LLMEngine):
         # Grammar-constrained decoding (llguidance): a tokenizer made on first use, an executor
         # that computes a batch's masks in parallel with the GIL released, and a thread that
         # computes them while the model's forward pass runs.
+        self._max_token_bytes = _max_token_bytes(self._tok._backend)
         self._llg_lock = threading.Lock()
         self._llg_tokenizer: Any = None
         self._llg_executor: Any = None
@@ -379,43 +389,89 @@ class TransformersLLMEngine(LLMEngine):
         if self._closing:
             raise EngineError(f"LLM engine {self.name!r} is closed")
 
-    def _prepare(self, request: GenerationRequest) -> _Sequence:
+    def prepare(self, request: GenerationRequest) -> None:
+        """Validate and tokenise ``request``, compile its grammar (off the event loop; see
+        `LLMEngine.prepare`): everything that could fail for this request alone fails here."""
         if request.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
         if request.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {request.temperature}")
         if not 0 < request.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {request.top_p}")
-        prompt_ids = self._tok.encode(request.prompt)
-        if not prompt_ids:
+        if request.seed is not None and not SEED_MIN <= request.seed <= SEED_MAX:
+            raise InvalidRequest(
+                f"seed must be between {SEED_MIN} and {SEED_MAX}, got {request.seed}", "seed"
+            )
+        ctx = self.max_context_tokens
+        floor = self._fewest_tokens(request.prompt)
+        if floor >= ctx:  # certainly too long: refused without tokenising it
+            raise InvalidRequest(
+                f"the prompt is at least {floor} tokens ({len(request.prompt)} characters), more than the "
+                f"model's context of {ctx} tokens (model {self.name!r}); shorten the prompt",
+                "messages" if request.messages is not None else "prompt",
+            )
+        if request.prompt_ids is None:
+            request.prompt_ids = self.tokenize(request.prompt)
+        self._check_length(len(request.prompt_ids), request.max_tokens)
+        if request.constrained:
+            request.prepared = self._constraint(request)  # a bad schema fails here, not in the batch
+
+    def tokenize(self, text: str) -> list[int]:
+        """The prompt's token ids (a prompt with none starts from BOS)."""
+        ids = self._tok.encode(text)
+        if not ids:
             if self._tok.bos_token_id is None:
                 raise ValueError(
                     "the prompt is empty (no tokens) and the model has no BOS token to start from"
                 )
-            prompt_ids = [int(self._tok.bos_token_id)]
-        n, ctx = len(prompt_ids), self.max_context_tokens
+            ids = [int(self._tok.bos_token_id)]
+        return ids
+
+    def _check_length(self, n: int, max_tokens: int) -> None:
+        ctx = self.max_context_tokens
         if n >= ctx:
-            raise ValueError(
+            raise InvalidRequest(
                 f"the prompt is {n} tokens, which leaves no room in the model's context of {ctx} tokens "
-                f"(model {self.name!r}); shorten the prompt"
+                f"(model {self.name!r}); shorten the prompt",
+                "messages",
+                code="context_length_exceeded",
             )
-        if n + request.max_tokens > ctx:
-            raise ValueError(
-                f"the prompt ({n} tokens) plus max_tokens ({request.max_tokens}) is {n + request.max_tokens} "
+        if n + max_tokens > ctx:
+            raise InvalidRequest(
+                f"the prompt ({n} tokens) plus max_tokens ({max_tokens}) is {n + max_tokens} "
                 f"tokens, more than the model's context of {ctx} tokens (model {self.name!r}); "
-                f"set max_tokens to at most {ctx - n} or shorten the prompt"
+                f"set max_tokens to at most {ctx - n} or shorten the prompt",
+                "max_tokens",
+                code="context_length_exceeded",
             )
-        constraint = reader = None
+
+    def _fewest_tokens(self, text: str) -> int:
+        """A lower bound on ``text``'s token count without tokenising it: a byte-level BPE
+        tokenizer without a normalizer covers every byte, at most ``_max_token_bytes`` a token."""
+        if self._max_token_bytes is None:
+            return 0
+        return -(-len(text.encode("utf-8", "surrogatepass")) // self._max_token_bytes)
+
+    def _constraint(self, request: GenerationRequest) -> TokenConstraint | None:
+        grammar = output_grammar(
+            request.tools, request.tool_choice, request.parallel_tool_calls, request.response_format
+        )
+        if grammar is None:
+            return None
+        calling = bool(request.tools) and request.tool_choice != "none"
+        param = "tools" if calling else "response_format.json_schema.schema"
+        return TokenConstraint(self._grammar_tokenizer(), grammar, param)
+
+    def _prepare(self, request: GenerationRequest) -> _Sequence:
+        if request.prompt_ids is None:  # not prepared by the gateway (a direct caller)
+            self.prepare(request)
+        prompt_ids = list(request.prompt_ids or ())
+        self._check_length(len(prompt_ids), request.max_tokens)
+        constraint = None
         if request.constrained:
-            grammar = output_grammar(
-                request.tools, request.tool_choice, request.parallel_tool_calls, request.response_format
-            )
-            if grammar is not None:
-                calling = bool(request.tools) and request.tool_choice != "none"
-                param = "tools" if calling else "response_format.json_schema.schema"
-                constraint = TokenConstraint(self._grammar_tokenizer(), grammar, param)
-        if request.tools and request.tool_choice != "none":
-            reader = ToolCallReader()
+            # the gateway's compiled constraint serves the first attempt; a retry starts afresh
+            constraint, request.prepared = request.prepared or self._constraint(request), None
+        reader = ToolCallReader() if request.tools and request.tool_choice != "none" else None
         return _Sequence(
             request=request,
             prompt_ids=prompt_ids,
@@ -494,7 +550,7 @@ class TransformersLLMEngine(LLMEngine):
 
     def _iteration(self) -> None:
         self._drop_cancelled()
-        admitted = self._take_waiting()
+        admitted = self._seed(self._take_waiting())
         try:
             for group in _prefill_groups(admitted):
                 self._prefill(group)
@@ -527,6 +583,26 @@ class TransformersLLMEngine(LLMEngine):
                 longest = new_longest
         return taken
 
+    def _seed(self, seqs: list[_Sequence]) -> list[_Sequence]:
+        """Give each sampled request its generator; a request whose seed torch refuses fails
+        alone (the gateway refuses such seeds already: this guards direct callers)."""
+        import torch
+
+        ready = []
+        for seq in seqs:
+            if not seq.greedy:
+                try:
+                    seq.generator = torch.Generator(device=self._device)
+                    seed = seq.request.seed if seq.request.seed is not None else secrets.randbits(63)
+                    seq.generator.manual_seed(int(seed))
+                except (RuntimeError, OverflowError, ValueError, TypeError) as exc:
+                    self._fail(
+                        seq, RequestFailed(f"seed {seq.request.seed!r} cannot seed a generator: {exc}")
+                    )
+                    continue
+            ready.append(seq)
+        return ready
+
     def _drop_cancelled(self) -> None:
         keep = [i for i, seq in enumerate(self._rows) if not seq.cancelled]
         if len(keep) < len(self._rows):
@@ -544,10 +620,6 @@ class TransformersLLMEngine(LLMEngine):
             n = len(seq.prompt_ids)
             ids[i, longest - n :] = torch.tensor(seq.prompt_ids, dtype=torch.long)
             mask[i, longest - n :] = 1
-            if not seq.greedy:
-                seq.generator = torch.Generator(device=device)
-                seed = seq.request.seed if seq.request.seed is not None else secrets.randbits(63)
-                seq.generator.manual_seed(int(seed))
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache: Any = cast(Any, DynamicCache())
@@ -564,7 +636,7 @@ class TransformersLLMEngine(LLMEngine):
         self.prefill_batch_sizes[len(seqs)] += 1
         tokens = self._sample(out.logits[:, -1, :], seqs, masks)
         for seq, token in zip(seqs, tokens, strict=True):
-            self._advance(seq, token)
+            self._advance_one(seq, token)
 
         # Padding positions hold whatever the model computed for pad tokens: zero them so a
         # stray NaN can never leak through a masked (weight 0) attention entry later.
@@ -630,7 +702,7 @@ class TransformersLLMEngine(LLMEngine):
         self.step_batch_sizes[len(rows)] += 1
         tokens = self._sample(out.logits[:, -1, :], rows, masks)
         for seq, token in zip(rows, tokens, strict=True):
-            self._advance(seq, token)
+            self._advance_one(seq, token)
         keep = [i for i, seq in enumerate(rows) if not seq.done and not seq.cancelled]
         if len(keep) < len(rows):
             self._select_rows(keep)
@@ -695,30 +767,48 @@ class TransformersLLMEngine(LLMEngine):
         logits: torch.Tensor,
         seqs: list[_Sequence],
         masks: concurrent.futures.Future[tuple[list[int], Any]] | None = None,
-    ) -> list[int]:
-        import torch
-
+    ) -> list[int | None]:
         logits = logits.float()
         if masks is not None:
             self._apply_masks(logits, masks.result())
         greedy = logits.argmax(dim=-1).tolist()
-        tokens: list[int] = []
+        tokens: list[int | None] = []
         for i, seq in enumerate(seqs):
             if seq.greedy:
                 tokens.append(int(greedy[i]))
                 continue
-            row = logits[i] / seq.request.temperature
-            if seq.request.top_p < 1.0:
-                sorted_logits, order = torch.sort(row, descending=True)
-                probs = torch.softmax(sorted_logits, dim=-1)
-                outside = (probs.cumsum(dim=-1) - probs) > seq.request.top_p  # the first token always stays
-                sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
-                pick = torch.multinomial(torch.softmax(sorted_logits, dim=-1), 1, generator=seq.generator)
-                tokens.append(int(order[pick].item()))
-            else:
-                pick = torch.multinomial(torch.softmax(row, dim=-1), 1, generator=seq.generator)
-                tokens.append(int(pick.item()))
+            try:
+                tokens.append(self._sample_row(logits[i], seq))
+            except RuntimeError as exc:  # e.g. a row of NaN or -inf: this request alone fails
+                self._fail(seq, RequestFailed(f"sampling failed for this request: {exc}", status=500))
+                tokens.append(None)
         return tokens
+
+    @staticmethod
+    def _sample_row(logits: torch.Tensor, seq: _Sequence) -> int:
+        import torch
+
+        row = logits / seq.request.temperature
+        if seq.request.top_p < 1.0:
+            sorted_logits, order = torch.sort(row, descending=True)
+            probs = torch.softmax(sorted_logits, dim=-1)
+            outside = (probs.cumsum(dim=-1) - probs) > seq.request.top_p  # the first token always stays
+            sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+            pick = torch.multinomial(torch.softmax(sorted_logits, dim=-1), 1, generator=seq.generator)
+            return int(order[pick].item())
+        pick = torch.multinomial(torch.softmax(row, dim=-1), 1, generator=seq.generator)
+        return int(pick.item())
+
+    def _advance_one(self, seq: _Sequence, token: int | None) -> None:
+        """`_advance`, failing this sequence alone if its own step goes wrong (``token`` None:
+        its sampling failed already)."""
+        if token is None:
+            return
+        try:
+            self._advance(seq, token)
+        except Exception as exc:
+            logger.exception("LLM engine %r: request %s failed", self.name, seq.request.id)
+            self._fail(seq, RequestFailed(f"generation failed for this request: {exc!r}", status=500))
 
     def _advance(self, seq: _Sequence, token: int) -> None:
         """Record one generated token; send the new text (and the end, if this token ends the request)."""
@@ -808,6 +898,20 @@ class TransformersLLMEngine(LLMEngine):
             except RuntimeError:  # the client's loop is closed: nobody is listening
                 for seq, _ in entries:
                     seq.cancelled = True
+
+
+def _max_token_bytes(backend: Any) -> int | None:
+    """The longest token in bytes, for a byte-level BPE tokenizer without a normalizer (each
+    vocabulary entry is then one character per byte); None for any other tokenizer."""
+    import json
+
+    if backend is None:
+        return None
+    spec = json.loads(backend.to_str())
+    if spec.get("normalizer") is not None or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        return None
+    longest = max((len(token) for token in backend.get_vocab(with_added_tokens=True)), default=0)
+    return longest or None
 
 
 def _content_text(content: Any) -> str:

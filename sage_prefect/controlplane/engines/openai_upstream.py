@@ -98,6 +98,8 @@ class _Upstream:
 
 class OpenAILLMEngine(_Upstream, LLMEngine):
     slots = 64  # the upstream batches; this bounds what we keep in flight there
+    max_context_tokens = None  # the upstream knows its model's context and answers 400 past it
+    accepts_media = True  # content parts go upstream unchanged (a vision model may take images)
 
     def __init__(self, base_url: str, *, slots: int = 64, **kwargs: Any) -> None:
         super().__init__(base_url, **kwargs)
