@@ -5,7 +5,7 @@ The service feeds it `Submit`, `Done`, `Cancel`, `Tick`, `ReplicaUp`/`ReplicaDow
 (run these requests on that replica), `Reject` (answer 429/503 with ``Retry-After``),
 `Fail` (a request that cannot be served any more) and `WakeAt` (send a `Tick` then).
 
-Policies decide the order of waiting requests:
+Policies decide the order of waiting requests (each a small `Policy` object, `POLICIES`):
 
 * ``fifo``      arrival order.
 * ``priority``  the request's ``priority`` (lower first, as vLLM), then arrival.
@@ -30,6 +30,34 @@ at most ``max_wait_ms`` for more work (less when a deadline is closer).
 Admission control (on `Submit`): a class whose queue or token budget is full, or whose
 deadline cannot be met at the measured speed, gets `Reject` with ``Retry-After``, so the
 queue, and the memory it holds, stays bounded however much load arrives.
+
+Cost per event does not grow with the queue. Each model's waiting requests are a binary heap
+in policy order (`_Queue`): a dispatch pops the requests it starts (``O(k log n)`` for ``k``
+of them), a cancelled request leaves a stale heap entry that is dropped when it reaches the
+top, and the heap is rebuilt without them once they outnumber the live entries (so it holds
+at most twice the waiting requests, and rebuilding costs ``O(1)`` amortised per cancel).
+Requests that cannot go to a free replica (each one already failed there, ``excluded``) are
+set aside and pushed back; an embedding batch that is not due yet is pushed back whole (that
+only happens when everything waiting fits in one batch). Counts and tokens of waiting
+requests are kept per model, per class, per (model, class) and per priority, so admission,
+wait estimates and `Scheduler.queue_depth` never walk the queue.
+
+Wait estimates (admission with ``reject_when_late``, ``Retry-After``) are for the request at
+hand (its model, kind, class, priority and tokens) and are a lower bound: they count only the
+waiting requests the policy certainly serves first (`Policy.ahead`: every one under ``fifo``;
+those of the same or a more urgent priority under ``priority``; those of classes with the same
+or a tighter objective under ``slo``/``hybrid``, which arrived earlier and so have an earlier
+deadline), so a request is rejected only when its objective is out of reach even then.
+
+* LLM: the running requests of a model finish about ``slots / s`` requests per second, where
+  ``s`` is the exponential moving average of a request's seconds from dispatch to `Done` and
+  ``slots`` the slots of its healthy replicas. Of the ``n`` requests ahead, ``free`` start at
+  once; the other ``n - free`` have all started after ``(n - free) * s / slots`` seconds, and
+  the request starts at the next completion after that, within a further ``s / slots`` (the
+  requests running now are partly done, so that share is left out): the estimate is
+  ``max(0, n - free) * s / slots``. With 4 s per request, 5 ahead and 1 busy slot: 20 s.
+* Embeddings: the tokens ahead plus the request's own, over the summed measured tokens per
+  second of the model's healthy replicas.
 """
 
 from __future__ import annotations
@@ -37,12 +65,11 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 Kind = Literal["llm", "embedding"]
-POLICIES = ("fifo", "priority", "slo", "hybrid")
 
 
 def is_cpu(device: str | None) -> bool:
@@ -231,6 +258,197 @@ class _Rate:
         self.value = rate if self.value is None else self.alpha * rate + (1 - self.alpha) * self.value
 
 
+class _Mean:
+    """Exponential moving average of a quantity (an LLM model's seconds per request)."""
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        self.alpha = alpha
+        self.value: float | None = None
+
+    def observe(self, x: float) -> None:
+        self.value = x if self.value is None else self.alpha * x + (1 - self.alpha) * self.value
+
+
+# ---- queues ---------------------------------------------------------------------------
+
+# (*policy key, sequence number, request), flat (a nested key tuple makes every comparison in
+# the heap ~40 % slower): the sequence number is unique, so entries never compare requests, and
+# it tells a live entry from a stale one left behind by a cancel
+_Entry = tuple[Any, ...]
+_K = TypeVar("_K", str, int)
+
+
+class _Queue:
+    """The waiting requests of one model: a heap in policy order with lazy removal, and running
+    counts and tokens (in all, per class and per priority).
+
+    Every waiting request has exactly one live entry, ``live[id] == seq``; any other entry in
+    ``heap`` is stale (its request was cancelled) and is skipped when it reaches the top. While a
+    dispatch holds popped entries, those requests are out of the heap but still ``live``."""
+
+    __slots__ = ("heap", "live", "tokens", "by_class", "by_priority")
+
+    def __init__(self) -> None:
+        self.heap: list[_Entry] = []
+        self.live: dict[str, int] = {}  # request id -> seq of its live entry (arrival order)
+        self.tokens = 0
+        self.by_class: dict[str, list[int]] = {}  # slo class -> [requests, tokens]
+        self.by_priority: dict[int, list[int]] = {}  # priority -> [requests, tokens]
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    @property
+    def stale(self) -> int:
+        """Stale entries in the heap (exact when no dispatch holds popped entries)."""
+        return len(self.heap) - len(self.live)
+
+    def add(self, req: Request, key: tuple[float, ...], seq: int) -> None:
+        self.live[req.id] = seq
+        heapq.heappush(self.heap, (*key, seq, req))
+        self._count(req, 1)
+
+    def remove(self, req: Request) -> bool:
+        """Take ``req`` out of the queue's accounting (its entry, if still in the heap, goes
+        stale); False when it is not waiting here."""
+        if self.live.pop(req.id, None) is None:
+            return False
+        self._count(req, -1)
+        return True
+
+    def tidy(self) -> None:
+        """Rebuild the heap without stale entries once they outnumber live ones (call it when
+        no dispatch holds popped entries). Each stale entry is dropped once, and a rebuild
+        costs less than twice the stale entries it drops: O(1) amortised per cancel, and the
+        heap never holds more than twice the waiting requests."""
+        if self.stale > len(self.live):
+            live = self.live
+            self.heap = [e for e in self.heap if live.get(e[-1].id) == e[-2]]
+            heapq.heapify(self.heap)
+
+    def top(self) -> _Entry | None:
+        """The first live entry (stale ones above it are dropped), left in the heap."""
+        heap, live = self.heap, self.live
+        while heap:
+            entry = heap[0]
+            if live.get(entry[-1].id) == entry[-2]:
+                return entry
+            heapq.heappop(heap)
+        return None
+
+    def pop(self) -> _Entry | None:
+        """The first live entry, taken out of the heap (the request stays ``live`` until it is
+        started with `remove` or put back with `push`)."""
+        entry = self.top()
+        if entry is not None:
+            heapq.heappop(self.heap)
+        return entry
+
+    def push(self, entries: list[_Entry]) -> None:
+        """Put popped entries back (same key and sequence number: same place in the order)."""
+        for entry in entries:
+            heapq.heappush(self.heap, entry)
+
+    def clear(self) -> list[Request]:
+        """Empty the queue; the requests that were waiting, in the order they were queued."""
+        by_id = {e[-1].id: e[-1] for e in self.heap if self.live.get(e[-1].id) == e[-2]}
+        waiting = [by_id[rid] for rid in self.live]
+        self.heap, self.live, self.tokens = [], {}, 0
+        self.by_class.clear()
+        self.by_priority.clear()
+        return waiting
+
+    def _count(self, req: Request, sign: int) -> None:
+        self.tokens += sign * req.tokens
+        _tally(self.by_class, req.slo, sign, req.tokens)
+        _tally(self.by_priority, req.priority, sign, req.tokens)
+
+
+def _tally(counts: dict[_K, list[int]], key: _K, sign: int, tokens: int) -> None:
+    """Add (``sign`` +1) or take away (-1) one request of ``tokens`` under ``key``; a key whose
+    count drops to zero is removed, so the dict holds only what is waiting."""
+    entry = counts.get(key)
+    if entry is None:
+        entry = counts[key] = [0, 0]
+    entry[0] += sign
+    entry[1] += sign * tokens
+    if entry[0] == 0:
+        del counts[key]
+
+
+# ---- policies -------------------------------------------------------------------------
+
+
+class Policy:
+    """The order of waiting requests: ``key`` sorts them (smallest first; ties go in the
+    order they were queued), ``ahead`` counts the waiting requests certainly served before a
+    new one, and ``co_schedules`` turns on hybrid's co-scheduling of LLM and embedding work."""
+
+    name: ClassVar[str]
+    co_schedules: ClassVar[bool] = False
+
+    def key(self, request: Request, deadline: float) -> tuple[float, ...]:
+        raise NotImplementedError
+
+    def ahead(self, queue: _Queue, request: Request, offset: Callable[[str], float]) -> tuple[int, int]:
+        """(requests, tokens) of ``queue`` that go before ``request`` were it queued now (its
+        arrival is now, so every waiting request arrived no later); ``offset(slo)``: a class's
+        deadline offset in seconds for the request's kind. A lower bound where not exact."""
+        return len(queue), queue.tokens
+
+
+class FifoPolicy(Policy):
+    name = "fifo"
+
+    def key(self, request: Request, deadline: float) -> tuple[float, ...]:
+        return (request.arrival,)
+
+
+class PriorityPolicy(Policy):
+    name = "priority"
+
+    def key(self, request: Request, deadline: float) -> tuple[float, ...]:
+        return (float(request.priority), request.arrival)
+
+    def ahead(self, queue: _Queue, request: Request, offset: Callable[[str], float]) -> tuple[int, int]:
+        # the same or a lower priority value (equal ones arrived earlier); one term per distinct
+        # priority waiting, which is a handful in practice (the classes' and API keys' defaults)
+        n = tokens = 0
+        for priority, (count, tok) in queue.by_priority.items():
+            if priority <= request.priority:
+                n += count
+                tokens += tok
+        return n, tokens
+
+
+class SLOPolicy(Policy):
+    name = "slo"
+
+    def key(self, request: Request, deadline: float) -> tuple[float, ...]:
+        return (deadline, float(request.priority), request.arrival)
+
+    def ahead(self, queue: _Queue, request: Request, offset: Callable[[str], float]) -> tuple[int, int]:
+        # classes with the same or a tighter objective: they arrived earlier, so their deadlines
+        # are no later. Requests of looser classes that have waited long enough go first too;
+        # they are not counted (the estimate stays a lower bound). One term per class.
+        own = offset(request.slo)
+        n = tokens = 0
+        for slo, (count, tok) in queue.by_class.items():
+            if offset(slo) <= own:
+                n += count
+                tokens += tok
+        return n, tokens
+
+
+class HybridPolicy(SLOPolicy):
+    name = "hybrid"
+    co_schedules = True
+
+
+# name -> policy class; iterating it gives the names (``policy in POLICIES``, ``", ".join(POLICIES)``)
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (FifoPolicy, PriorityPolicy, SLOPolicy, HybridPolicy)}
+
+
 class Scheduler:
     """See the module docstring. Not thread-safe: one caller feeds events in order."""
 
@@ -243,21 +461,27 @@ class Scheduler:
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown scheduling policy {policy!r}; expected one of {', '.join(POLICIES)}")
-        self.policy = policy
+        self.ordering: Policy = POLICIES[policy]()
         self.classes = dict(classes or DEFAULT_CLASSES)
         self.batching = batching or BatchLimits()
         self.max_attempts = max_attempts
         self.replicas: dict[str, Replica] = {}
         self.requests: dict[str, Request] = {}  # waiting or running
-        self._heaps: dict[str, list[tuple[tuple[float, ...], int, str]]] = {}
-        self._waiting: dict[str, set[str]] = {}  # model -> waiting request ids
+        self._queues: dict[str, _Queue] = {}  # model -> its waiting requests
+        self._by_model: dict[str, list[Replica]] = {}  # model -> its replicas
+        self._models: list[str] = []  # LLM models first (hybrid: embedding batches yield to them)
         self._seq = itertools.count()
         self._batch_ids = itertools.count(1)
         self._rates: dict[str, _Rate] = {}  # embedding replicas: tokens per second
-        self._llm_seconds: dict[str, _Rate] = {}  # LLM models: seconds per request (EMA)
-        self._class_waiting: dict[str, int] = {}
+        self._llm_seconds: dict[str, _Mean] = {}  # LLM models: seconds per request, dispatch to Done
+        self._class_waiting: dict[str, int] = {}  # waiting requests per class, all models
         self._class_tokens: dict[str, int] = {}
         self._wake: float | None = None
+
+    @property
+    def policy(self) -> str:
+        """The policy's name (``fifo``, ``priority``, ``slo``, ``hybrid``)."""
+        return self.ordering.name
 
     # ---- configuration ---------------------------------------------------------------
 
@@ -266,8 +490,11 @@ class Scheduler:
             raise ValueError(f"replica {replica.id!r} is already registered")
         self.replicas[replica.id] = replica
         self._rates[replica.id] = _Rate()
-        self._heaps.setdefault(replica.model, [])
-        self._waiting.setdefault(replica.model, set())
+        self._queues.setdefault(replica.model, _Queue())
+        self._by_model.setdefault(replica.model, []).append(replica)
+        if replica.model not in self._models:
+            self._models.append(replica.model)
+            self._models.sort(key=lambda m: self._kind_of(m) != "llm")  # stable: else registration order
 
     def slo_class(self, name: str) -> SLOClass:
         return self.classes[name]
@@ -275,14 +502,17 @@ class Scheduler:
     # ---- introspection (metrics) -----------------------------------------------------
 
     def queue_depth(self, model: str | None = None, slo: str | None = None) -> int:
-        ids = (
-            self._waiting.get(model, set())
-            if model is not None
-            else set().union(*self._waiting.values())
-            if self._waiting
-            else set()
-        )
-        return sum(1 for i in ids if slo is None or self.requests[i].slo == slo)
+        if model is None:
+            if slo is None:
+                return sum(len(q) for q in self._queues.values())
+            return self._class_waiting.get(slo, 0)
+        queue = self._queues.get(model)
+        if queue is None:
+            return 0
+        if slo is None:
+            return len(queue)
+        counts = queue.by_class.get(slo)
+        return counts[0] if counts else 0
 
     def embedding_rate(self, replica: str) -> float | None:
         return self._rates[replica].value
@@ -324,7 +554,7 @@ class Scheduler:
         cls = self.classes.get(req.slo)
         if cls is None:
             raise ValueError(f"unknown SLO class {req.slo!r}")
-        replicas = [r for r in self.replicas.values() if r.model == req.model and r.kind == req.kind]
+        replicas = [r for r in self._by_model.get(req.model, ()) if r.kind == req.kind]
         if not replicas:
             actions.append(Fail(req.id, 404, f"no {req.kind} engine serves model {req.model!r}"))
             return
@@ -333,55 +563,65 @@ class Scheduler:
                 Reject(req.id, 503, "no_healthy_replica", f"every replica of {req.model!r} is down", 5.0)
             )
             return
+        reject = self._admission(req, cls)
+        if reject is not None:
+            actions.append(reject)
+            return
+        self._enqueue(req)
+
+    def admission(self, model: str, kind: Kind, slo: str) -> Reject | None:
+        """What `Submit` would answer a request of ``model``/``kind``/``slo`` with no tokens of its
+        own: a `Reject`, or None. Read-only; the gateway asks before it tokenises a request, so
+        a refusal under overload costs the least."""
+        cls = self.classes.get(slo)
+        if cls is None or not any(r.kind == kind and r.healthy for r in self._by_model.get(model, ())):
+            return None  # Submit gives the exact answer
+        return self._admission(Request("_", model, kind, slo, 0.0, 0), cls)
+
+    def _admission(self, req: Request, cls: SLOClass) -> Reject | None:
+        """Admission control for ``req`` in class ``cls``: a full queue or token budget, or an
+        estimated wait past the class's objective (``reject_when_late``)."""
         waiting = self._class_waiting.get(cls.name, 0)
         if waiting >= cls.max_queue:
-            actions.append(
-                Reject(
-                    req.id,
-                    429,
-                    "queue_full",
-                    f"the {cls.name!r} queue is full ({waiting} waiting requests, max_queue {cls.max_queue})",
-                    self._retry_after(req.model, req.kind),
-                )
+            return Reject(
+                req.id,
+                429,
+                "queue_full",
+                f"the {cls.name!r} queue is full ({waiting} waiting requests, max_queue {cls.max_queue})",
+                self._retry_after(req),
             )
-            return
         queued = self._class_tokens.get(cls.name, 0)
         if queued + req.tokens > cls.max_queued_tokens:
-            actions.append(
-                Reject(
-                    req.id,
-                    429,
-                    "token_budget_full",
-                    f"the {cls.name!r} queue holds {queued} tokens; {req.tokens} more exceed "
-                    f"max_queued_tokens {cls.max_queued_tokens}",
-                    self._retry_after(req.model, req.kind),
-                )
+            return Reject(
+                req.id,
+                429,
+                "token_budget_full",
+                f"the {cls.name!r} queue holds {queued} tokens; {req.tokens} more exceed "
+                f"max_queued_tokens {cls.max_queued_tokens}",
+                self._retry_after(req),
             )
-            return
         if cls.reject_when_late:
             objective = cls.e2e_ms if req.kind == "embedding" else cls.ttft_ms
             estimate = self._estimated_wait(req)
             if objective is not None and estimate is not None and estimate * 1000 > objective:
-                actions.append(
-                    Reject(
-                        req.id,
-                        429,
-                        "deadline_unreachable",
-                        f"the estimated wait ({estimate * 1000:.0f} ms) exceeds the {cls.name!r} objective "
-                        f"({objective:.0f} ms)",
-                        max(1.0, estimate),
-                    )
+                return Reject(
+                    req.id,
+                    429,
+                    "deadline_unreachable",
+                    f"the estimated wait ({estimate * 1000:.0f} ms) exceeds the {cls.name!r} objective "
+                    f"({objective:.0f} ms)",
+                    max(1.0, estimate),
                 )
-                return
-        self._enqueue(req)
+        return None
 
     def _done(self, event: Done, actions: list[Action]) -> None:
         replica = self.replicas.get(event.replica)
         if replica is None:
             return
+        done = set(event.requests)
         finished: list[Request] = []
         for batch_id, (ids, started, tokens) in list(replica.batches.items()):
-            if set(ids) & set(event.requests):
+            if not done.isdisjoint(ids):
                 del replica.batches[batch_id]
                 if not event.failed:
                     self._rates[replica.id].observe(tokens, event.now - started)
@@ -392,10 +632,8 @@ class Scheduler:
         if not event.failed:
             for req in finished:
                 self.requests.pop(req.id, None)
-                if req.kind == "llm":
-                    self._llm_seconds.setdefault(req.model, _Rate()).observe(
-                        1, 1 / max(1e-6, event.now - req.started)
-                    )
+                if req.kind == "llm" and event.now > req.started:
+                    self._llm_seconds.setdefault(req.model, _Mean()).observe(event.now - req.started)
             return
         for req in finished:
             self._retry(req, replica.id, event.reason, actions)
@@ -405,8 +643,10 @@ class Scheduler:
         req = self.requests.get(rid)
         if req is None:
             return
-        if rid in self._waiting.get(req.model, set()):
-            self._unqueue(req)
+        queue = self._queues[req.model]
+        if queue.remove(req):
+            queue.tidy()
+            self._uncount(req)
             del self.requests[rid]
         # a running request is finished by the engine; its Done event clears it
 
@@ -418,11 +658,11 @@ class Scheduler:
         # Work already running there stays accounted to it: the runtime reports each request's
         # own `Done` (``failed`` -> retried elsewhere, or finished if it completed after all).
         # Re-queueing it here would dispatch a request twice while its first run still goes on.
-        if not any(r.healthy for r in self.replicas.values() if r.model == replica.model):
-            for rid in list(self._waiting.get(replica.model, set())):
-                req = self.requests.pop(rid)
-                self._unqueue(req)
-                actions.append(Fail(rid, 503, f"every replica of {replica.model!r} is down ({reason})"))
+        if not any(r.healthy for r in self._by_model[replica.model]):
+            for req in self._queues[replica.model].clear():
+                self._uncount(req)
+                del self.requests[req.id]
+                actions.append(Fail(req.id, 503, f"every replica of {replica.model!r} is down ({reason})"))
 
     def _retry(self, req: Request, replica_id: str, reason: str, actions: list[Action]) -> None:
         req.excluded.add(replica_id)
@@ -434,52 +674,45 @@ class Scheduler:
 
     # ---- queues ----------------------------------------------------------------------
 
-    def _key(self, req: Request) -> tuple[float, ...]:
-        if self.policy == "fifo":
-            return (req.arrival,)
-        if self.policy == "priority":
-            return (float(req.priority), req.arrival)
-        return (self._deadline(req), float(req.priority), req.arrival)
-
-    def _deadline(self, req: Request) -> float:
-        cls = self.classes[req.slo]
-        objective = cls.ttft_ms if req.kind == "llm" else cls.e2e_ms
+    def _offset(self, slo: str, kind: Kind) -> float:
+        """Seconds from arrival to the deadline of a request of class ``slo`` and ``kind``."""
+        cls = self.classes[slo]
+        objective = cls.ttft_ms if kind == "llm" else cls.e2e_ms
         if objective is None:
             objective = cls.e2e_ms
-        return req.arrival + (objective / 1000 if objective is not None else 3600.0)
+        return objective / 1000 if objective is not None else 3600.0
+
+    def _deadline(self, req: Request) -> float:
+        return req.arrival + self._offset(req.slo, req.kind)
 
     def _enqueue(self, req: Request) -> None:
         self.requests[req.id] = req
-        self._waiting.setdefault(req.model, set()).add(req.id)
-        heapq.heappush(self._heaps.setdefault(req.model, []), (self._key(req), next(self._seq), req.id))
+        self._queues[req.model].add(req, self.ordering.key(req, self._deadline(req)), next(self._seq))
         self._class_waiting[req.slo] = self._class_waiting.get(req.slo, 0) + 1
         self._class_tokens[req.slo] = self._class_tokens.get(req.slo, 0) + req.tokens
 
-    def _unqueue(self, req: Request) -> None:
-        self._waiting[req.model].discard(req.id)
+    def _uncount(self, req: Request) -> None:
+        """Take a request that left its model's queue out of the per-class counts."""
         self._class_waiting[req.slo] -= 1
         self._class_tokens[req.slo] -= req.tokens
 
-    def _ordered(self, model: str) -> Iterable[Request]:
-        """Waiting requests of a model in policy order (drops stale heap entries)."""
-        heap = self._heaps.get(model, [])
-        waiting = self._waiting.get(model, set())
-        while heap and heap[0][2] not in waiting:
-            heapq.heappop(heap)
-        for _, _, rid in sorted(heap):
-            if rid in waiting:
-                yield self.requests[rid]
+    def _ordered(self, model: str) -> Iterator[Request]:
+        """Waiting requests of a model in policy order: O(n log n), for tests and debugging
+        only (the scheduler itself never walks the queue)."""
+        queue = self._queues.get(model)
+        if queue is None:
+            return iter(())
+        return (e[-1] for e in sorted(queue.heap) if queue.live.get(e[-1].id) == e[-2])
 
     # ---- dispatch --------------------------------------------------------------------
 
     def _schedule(self, now: float, actions: list[Action]) -> None:
         wake: float | None = None
-        # LLM models first: under hybrid, embedding batches yield to LLM work on a shared device
-        models = sorted(self._waiting, key=lambda m: self._kind_of(m) != "llm")
-        for model in models:
-            if not self._waiting[model]:
+        for model in self._models:  # LLM models first
+            queue = self._queues[model]
+            if not queue.live:
                 continue
-            replicas = [r for r in self.replicas.values() if r.model == model and r.healthy]
+            replicas = [r for r in self._by_model[model] if r.healthy]
             if not replicas:
                 continue
             if replicas[0].kind == "llm":
@@ -488,64 +721,87 @@ class Scheduler:
                 at = self._schedule_embedding(model, replicas, now, actions)
                 if at is not None:
                     wake = at if wake is None else min(wake, at)
+            queue.tidy()  # dispatched requests leave the live ones; stale entries may now outnumber them
         if wake is not None and wake != self._wake:
             actions.append(WakeAt(wake))
         self._wake = wake
 
     def _kind_of(self, model: str) -> Kind:
-        return next((r.kind for r in self.replicas.values() if r.model == model), "llm")
+        replicas = self._by_model.get(model)
+        return replicas[0].kind if replicas else "llm"
 
     def _schedule_llm(self, model: str, replicas: list[Replica], now: float, actions: list[Action]) -> None:
-        for req in list(self._ordered(model)):
-            if not any(r.free > 0 for r in replicas):
-                return
-            candidates = [r for r in replicas if r.free > 0 and r.id not in req.excluded]
+        free = [r for r in replicas if r.free > 0]
+        if not free:
+            return
+        queue = self._queues[model]
+        aside: list[_Entry] = []  # requests that failed on every free replica: pushed back below
+        while free:
+            entry = queue.pop()
+            if entry is None:
+                break
+            req = entry[-1]
+            candidates = [r for r in free if r.id not in req.excluded]
+            if not candidates and all(r.id in req.excluded for r in replicas):
+                req.excluded.clear()  # every healthy replica failed it once: try them again
+                candidates = free
             if not candidates:
-                if all(r.id in req.excluded for r in replicas):
-                    req.excluded.clear()  # every healthy replica failed it once: try them again
+                aside.append(entry)
                 continue
             replica = min(candidates, key=lambda r: (r.load, r.id))
             self._start(req, replica, now)
             actions.append(Dispatch(replica.id, (req.id,)))
+            if replica.free <= 0:
+                free.remove(replica)
+        queue.push(aside)
 
     def _schedule_embedding(
         self, model: str, replicas: list[Replica], now: float, actions: list[Action]
     ) -> float | None:
         limits = self.batching
+        queue = self._queues[model]
         while True:
             free = [r for r in replicas if r.free > 0 and not self._device_held(r)]
             if not free:
                 return None
             replica = min(free, key=lambda r: (r.busy, r.load, r.id))
             token_cap = self._token_cap(replica)
-            batch: list[Request] = []
+            batch: list[_Entry] = []
+            aside: list[_Entry] = []  # failed on this replica (and another one is healthy)
             tokens = inputs = 0
             full = False
-            for req in self._ordered(model):
+            while (entry := queue.top()) is not None:
+                req = entry[-1]
                 if replica.id in req.excluded and len(req.excluded) < len(replicas):
+                    aside.append(heapq.heappop(queue.heap))
                     continue
                 if batch and (inputs + req.inputs > limits.max_batch_size or tokens + req.tokens > token_cap):
                     full = True
                     break
-                batch.append(req)
+                batch.append(heapq.heappop(queue.heap))  # `entry`, the top
                 tokens += req.tokens
                 inputs += req.inputs
+            queue.push(aside)
             if not batch:
                 return None
-            full = full or inputs >= limits.max_batch_size or tokens >= token_cap
-            oldest = min(r.arrival for r in batch)
-            due = oldest + limits.max_wait_ms / 1000
-            due = min(due, *(self._deadline(r) - self._service_time(replica, tokens) for r in batch))
-            if not full and now < due:
-                return due
+            requests = [e[-1] for e in batch]
+            if not (full or inputs >= limits.max_batch_size or tokens >= token_cap):
+                # not full: everything waiting fits in it (the heap is empty but for `aside`)
+                due = min(r.arrival for r in requests) + limits.max_wait_ms / 1000
+                service = self._service_time(replica, tokens)
+                due = min(due, *(self._deadline(r) - service for r in requests))
+                if now < due:
+                    queue.push(batch)  # not due yet: the queue is left as it was
+                    return due
             batch_id = next(self._batch_ids)
-            for req in batch:
+            for req in requests:
                 self._start(req, replica, now)
-            replica.batches[batch_id] = ([r.id for r in batch], now, tokens)
-            actions.append(Dispatch(replica.id, tuple(r.id for r in batch), batch_id))
+            replica.batches[batch_id] = ([r.id for r in requests], now, tokens)
+            actions.append(Dispatch(replica.id, tuple(r.id for r in requests), batch_id))
 
     def _start(self, req: Request, replica: Replica, now: float) -> None:
-        self._unqueue(req)
+        self._queues[req.model].remove(req)
+        self._uncount(req)
         req.attempts += 1
         req.started = now
         req.first_token = False
@@ -576,14 +832,14 @@ class Scheduler:
     def _device_held(self, replica: Replica) -> bool:
         """hybrid: no new embedding batch on a device while an interactive LLM request there
         waits for its first token (its prefill gets the device to itself)."""
-        if self.policy != "hybrid" or replica.device is None:
+        if not self.ordering.co_schedules or replica.device is None:
             return False
         prefill, _, _ = self._interactive_llm(replica.device)
         return prefill > 0
 
     def _token_cap(self, replica: Replica) -> int:
         cap = self.batching.max_batch_tokens
-        if self.policy != "hybrid" or replica.device is None or is_cpu(replica.device):
+        if not self.ordering.co_schedules or replica.device is None or is_cpu(replica.device):
             return cap  # on CPU a running batch shares the cores with decode steps, not blocks them
         _, decoding, tpot = self._interactive_llm(replica.device)
         rate = self._rates[replica.id].value
@@ -592,31 +848,33 @@ class Scheduler:
         # a batch should take no longer than half a TPOT budget, so a decode step waits < 1 budget
         return max(self.batching.hybrid_min_batch_tokens, min(cap, int(rate * tpot * 0.5)))
 
-    # ---- estimates -------------------------------------------------------------------
+    # ---- estimates (see the module docstring) ----------------------------------------
 
     def _service_time(self, replica: Replica, tokens: int) -> float:
         rate = self._rates[replica.id].value
         return tokens / rate if rate else 0.0
 
     def _estimated_wait(self, req: Request) -> float | None:
-        replicas = [r for r in self.replicas.values() if r.model == req.model and r.healthy]
+        """Seconds ``req`` would wait if queued now (a lower bound); None before any
+        measurement. O(replicas + classes), or + distinct priorities under ``priority``."""
+        replicas = [r for r in self._by_model.get(req.model, ()) if r.kind == req.kind and r.healthy]
+        queue = self._queues.get(req.model)
+        if queue is None or not replicas:
+            return None
+        ahead, ahead_tokens = self.ordering.ahead(queue, req, lambda slo: self._offset(slo, req.kind))
         if req.kind == "embedding":
-            rates = [self._rates[r.id].value for r in replicas]
-            known = [r for r in rates if r]
+            known = [rate for r in replicas if (rate := self._rates[r.id].value)]
             if not known:
                 return None
-            ahead = sum(self.requests[i].tokens for i in self._waiting.get(req.model, set()))
-            return (ahead + req.tokens) / sum(known)
+            return (ahead_tokens + req.tokens) / sum(known)
         per_request = self._llm_seconds.get(req.model)
         if per_request is None or per_request.value is None:
             return None
         slots = sum(r.slots for r in replicas)
-        free = sum(r.free for r in replicas)
-        ahead = len(self._waiting.get(req.model, set())) - free + 1
-        # requests/second the replicas finish is slots * (1 / seconds per request)
-        return max(0.0, ahead) / (slots * per_request.value)
+        free = sum(max(0, r.free) for r in replicas)
+        return max(0, ahead - free) * per_request.value / max(1, slots)
 
-    def _retry_after(self, model: str, kind: Kind) -> float:
-        probe = Request("_", model, kind, next(iter(self.classes)), 0.0, 0)
-        estimate = self._estimated_wait(probe)
+    def _retry_after(self, req: Request) -> float:
+        """``Retry-After`` for a rejected ``req``: its own estimated wait, at least 1 s."""
+        estimate = self._estimated_wait(req)
         return float(max(1, math.ceil(estimate))) if estimate else 1.0
