@@ -73,7 +73,9 @@ class ClassConfig(_Strict):
     e2e_ms: float | None = Field(None, gt=0)
     max_queue: int = Field(1024, ge=1)
     max_queued_tokens: int = Field(2_000_000, ge=1)
-    reject_when_late: bool = True  # 429 when the estimated wait exceeds the objective (LLM: TTFT, embeddings: e2e)
+    reject_when_late: bool = (
+        True  # 429 when the estimated wait exceeds the objective (LLM: TTFT, embeddings: e2e)
+    )
     priority: int = 0
 
 

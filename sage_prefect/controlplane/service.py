@@ -186,6 +186,18 @@ class ControlPlane:
         assert isinstance(engine, LLMEngine)
         return engine
 
+    def admit(self, model: str, kind: str, slo: str) -> None:
+        """Refuse at once what admission control would refuse anyway (a full queue, a wait past
+        the class's objective), before the request is tokenised or rendered: under overload a
+        refusal must cost the least. 404 for a model that does not serve ``kind``."""
+        self.model(model, kind)
+        reject = self.scheduler.admission(model, "llm" if kind == "llm" else "embedding", slo)
+        if reject is not None:
+            self.metrics.rejected(model, slo, reject.code)
+            raise ServiceError(
+                reject.status, reject.message, code=reject.code, retry_after=reject.retry_after
+            )
+
     async def embed(
         self, model: str, texts: list[str], tokens: list[int], slo: str, priority: int
     ) -> list[list[float]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from sage_prefect.controlplane.engines.base import GenerationRequest, LLMEngine
-from sage_prefect.controlplane.protocol import APIError, ChatCompletionRequest, parse
+from sage_prefect.controlplane.protocol import APIError, ChatCompletionRequest
 from sage_prefect.controlplane.serving.common import Gateway
 from sage_prefect.controlplane.serving.generation import Prepared, finish_request
 from sage_prefect.controlplane.structured import (
@@ -19,8 +19,7 @@ from sage_prefect.controlplane.structured import (
 TEXT_PARTS = ("text", "refusal")
 
 
-def prepare(gateway: Gateway, raw: bytes) -> Prepared:
-    body = parse(ChatCompletionRequest, raw, gateway.config.limits)
+def prepare(gateway: Gateway, body: ChatCompletionRequest) -> Prepared:
     engine = gateway.plane.llm_engine(body.model)
     messages = [m.as_dict() for m in body.messages]
     if not engine.accepts_media:

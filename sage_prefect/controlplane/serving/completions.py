@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from sage_prefect.controlplane.engines.base import GenerationRequest
-from sage_prefect.controlplane.protocol import CompletionRequest, parse
+from sage_prefect.controlplane.protocol import CompletionRequest
 from sage_prefect.controlplane.serving.chat import _max_tokens
 from sage_prefect.controlplane.serving.common import Gateway
 from sage_prefect.controlplane.serving.generation import Prepared, finish_request
 
 
-def prepare(gateway: Gateway, raw: bytes) -> Prepared:
-    body = parse(CompletionRequest, raw, gateway.config.limits)
+def prepare(gateway: Gateway, body: CompletionRequest) -> Prepared:
     engine = gateway.plane.llm_engine(body.model)
     prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     request = GenerationRequest(

@@ -27,9 +27,8 @@ class Prepared:
     tokens: list[int]
 
 
-def prepare(gateway: Gateway, raw: bytes) -> Prepared:
-    """Parse, check against the model and count tokens (runs off the loop for large bodies)."""
-    body = parse(EmbeddingRequest, raw, gateway.config.limits)
+def prepare(gateway: Gateway, body: EmbeddingRequest) -> Prepared:
+    """Check against the model and count (and cut) tokens: off the loop for large bodies."""
     engine = gateway.plane.embedding_engine(body.model)
     if body.dimensions is not None and engine.dimensions and body.dimensions != engine.dimensions:
         raise APIError(
@@ -109,10 +108,11 @@ def render(model: str, vectors: list[list[float]], fmt: str, tokens: list[int]) 
 async def create_embedding(gateway: Gateway, request: Request) -> Response:
     raw = await gateway.body(request)
     key = gateway.authenticate(request)
-    prep = await gateway.offload(len(raw), prepare, gateway, raw)
-    body = prep.body
+    body = await gateway.offload(len(raw), parse, EmbeddingRequest, raw, gateway.config.limits)
     who = gateway.classify(request, key, body.slo_class, body.priority)
     plane = gateway.plane
+    plane.admit(body.model, "embedding", who.slo)
+    prep = await gateway.offload(len(raw), prepare, gateway, body)
     plane.metrics.requests.labels(body.model, who.slo, "embeddings").inc()
     vectors = await gateway.unless_disconnected(
         request, guarded(plane.embed(body.model, prep.texts, prep.tokens, who.slo, who.priority))

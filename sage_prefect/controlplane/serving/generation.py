@@ -26,6 +26,7 @@ from sage_prefect.controlplane.protocol import (
     CompletionResponse,
     Usage,
     error_body,
+    parse,
 )
 from sage_prefect.controlplane.service import ServiceError
 from sage_prefect.controlplane.serving.common import Gateway, guarded
@@ -69,12 +70,18 @@ def finish_request(
 
 
 async def serve(
-    gateway: Gateway, request: Request, prepare: Callable[[Gateway, bytes], Prepared], chat: bool
+    gateway: Gateway,
+    request: Request,
+    schema: type[ChatCompletionRequest] | type[CompletionRequest],
+    prepare: Callable[[Gateway, Any], Prepared],
+    chat: bool,
 ) -> Response:
     raw = await gateway.body(request)
     key = gateway.authenticate(request)
-    prep = await gateway.offload(len(raw), prepare, gateway, raw)
-    who = gateway.classify(request, key, prep.slo_class, prep.priority)
+    body = await gateway.offload(len(raw), parse, schema, raw, gateway.config.limits)
+    who = gateway.classify(request, key, body.slo_class, body.priority)
+    gateway.plane.admit(body.model, "llm", who.slo)
+    prep = await gateway.offload(len(raw), prepare, gateway, body)
     greq = prep.request
     greq.priority, greq.stream = who.priority, prep.stream
     greq.id = ("chatcmpl-" if chat else "cmpl-") + os.urandom(12).hex()
