@@ -22,6 +22,7 @@ from sage_prefect.common import (
     SinkFunction,
     SourceFunction,
     UnknownOperatorError,
+    WorkerLostError,
 )
 from sage_prefect.data import CollectSink, JSONLSink, LanceSink, ParquetSink, PrintSink
 from sage_prefect.kernel import DaskEnvironment, DataStream, LocalEnvironment, PipelineResult
@@ -56,4 +57,5 @@ __all__ = [
     "SinkFunction",
     "SourceFunction",
     "UnknownOperatorError",
+    "WorkerLostError",
 ]

@@ -10,6 +10,7 @@ from sage_prefect.common.errors import (
     ResourceUnavailableError,
     SageError,
     UnknownOperatorError,
+    WorkerLostError,
 )
 from sage_prefect.common.functions import (
     BaseFunction,
@@ -42,5 +43,6 @@ __all__ = [
     "SinkFunction",
     "SourceFunction",
     "UnknownOperatorError",
+    "WorkerLostError",
     "load_settings",
 ]

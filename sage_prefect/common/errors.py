@@ -70,3 +70,19 @@ class ResourceUnavailableError(SageError, RuntimeError):
 
 class PipelineRunError(SageError, RuntimeError):
     """The Prefect flow run of a pipeline ended in a failed state."""
+
+
+class WorkerLostError(OperatorError):
+    """The Dask workers running a partition died until Dask gave up on it (`distributed.KilledWorker`).
+
+    Names the operator, stage and partition, and carries the addresses of the lost workers
+    (``workers``, oldest first) and the scheduler's ``allowed_failures``; ``also_lost`` lists
+    ``(operator, partition)`` of other tasks Dask gave up on with it (tasks that only waited on
+    a dying worker count its death too, so the culprit may be one of them). An `OperatorError`,
+    so code that handles "a partition failed" handles this too; a worker that dies on every
+    attempt (out of memory, a crash in native code) usually dies again on a re-run.
+
+    >>> exc = WorkerLostError("operator 'embed' ...", operator="embed", partition=2, workers=["tcp://10.0.0.5:4321"])
+    >>> exc.partition, exc.workers
+    (2, ['tcp://10.0.0.5:4321'])
+    """

@@ -3,7 +3,8 @@
 GPU discovery (`detect_gpus`), local clusters with ``gpu-{i}``/``cpu-{i}`` workers
 (`local_cluster`), placement checks and annotations (`worker_resources`,
 `resolve_resources`, `annotate`), Prefect task runners on an existing scheduler
-(`task_runner`) and a foreground cluster server (`serve_cluster`). See README.md.
+(`task_runner`), a foreground cluster server (`serve_cluster`) and Dask-level task
+failures (`dask_error`, `killed_key`, `lost_task`: a task whose workers kept dying). See README.md.
 
 >>> from distributed import Client
 >>> from sage_prefect.dask_gpu import annotate, local_cluster, resolve_resources, worker_resources
@@ -21,6 +22,7 @@ from sage_prefect.dask_gpu.cluster import (
     local_cluster,
     local_cluster_from_settings,
 )
+from sage_prefect.dask_gpu.faults import LostTask, dask_error, killed_key, lost_task
 from sage_prefect.dask_gpu.gpus import GPUInfo, detect_gpus
 from sage_prefect.dask_gpu.placement import (
     annotate,
@@ -35,12 +37,16 @@ __all__ = [
     "CPU_LABEL",
     "GPU_LABEL",
     "GPUInfo",
+    "LostTask",
     "WorkerSpec",
     "annotate",
     "cluster_address_reachable",
+    "dask_error",
     "detect_gpus",
+    "killed_key",
     "local_cluster",
     "local_cluster_from_settings",
+    "lost_task",
     "resolve_resources",
     "serve_cluster",
     "task_runner",

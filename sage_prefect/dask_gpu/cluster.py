@@ -21,12 +21,16 @@ address unless asked for).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import dask
+from dask.utils import parse_timedelta
 from distributed import Nanny, Scheduler, SpecCluster, Worker
+from distributed.deploy.cluster import Cluster
 from distributed.worker_memory import parse_memory_limit
 
 from sage_prefect.common import ConfigError, SageSettings
@@ -60,9 +64,11 @@ class WorkerSpec:
 
 
 class _Cluster(SpecCluster):
-    """A `SpecCluster` that leaves no event-loop thread behind when it fails to start."""
+    """A `SpecCluster` that leaves no event-loop thread behind when it fails to start, and
+    does not close the nanny of a worker that died twice (see `_update_worker_status`)."""
 
     def __init__(self, **kwargs: Any) -> None:
+        self._removals: dict[Any, int] = {}
         try:
             super().__init__(**kwargs)
         except BaseException:
@@ -72,6 +78,35 @@ class _Cluster(SpecCluster):
             if loop_runner is not None:
                 loop_runner.stop()
             raise
+
+    def _update_worker_status(self, op: str, msg: Any) -> None:
+        """Close a worker's nanny only if the *latest* removal of its name is not undone in time.
+
+        `SpecCluster` closes a worker's nanny for good when no worker of that name is back
+        ``distributed.deploy.lost-worker-timeout`` (15 s) after a removal. It checks the name
+        when the timer fires, so a worker that died, was restarted by its nanny and is being
+        restarted again at that instant (a partition that kills its worker on every attempt)
+        loses its nanny: the cluster shrinks, and once every nanny is gone a pipeline waits
+        forever for a worker. Here a removal's timer is void once the name was removed again;
+        the latest removal's own timer decides.
+        """
+        if op != "remove":
+            super()._update_worker_status(op, msg)
+            return
+        name = self.scheduler_info["workers"][msg]["name"]
+        removal = self._removals[name] = self._removals.get(name, 0) + 1
+
+        def close_if_lost() -> None:
+            if self._removals.get(name) != removal or name not in self.workers:
+                return
+            if any(info["name"] == name for info in self.scheduler_info["workers"].values()):
+                return
+            self._futures.add(asyncio.ensure_future(self.workers[name].close()))
+            del self.workers[name]
+
+        delay = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
+        asyncio.get_running_loop().call_later(delay, close_if_lost)
+        Cluster._update_worker_status(self, op, msg)  # what SpecCluster's override adds is above
 
 
 def _gpu_pin(i: int, gpus: list[GPUInfo]) -> str:

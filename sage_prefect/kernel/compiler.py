@@ -28,10 +28,17 @@ from prefect.futures import PrefectFuture
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from sage_prefect.common import errors
-from sage_prefect.common.errors import OperatorError, PipelineRunError, SageError
+from sage_prefect.common.errors import OperatorError, PipelineRunError, SageError, WorkerLostError
 from sage_prefect.common.records import concat
 from sage_prefect.common.settings import SageSettings
-from sage_prefect.dask_gpu import annotate, resolve_resources, worker_resources
+from sage_prefect.dask_gpu import (
+    annotate,
+    dask_error,
+    killed_key,
+    lost_task,
+    resolve_resources,
+    worker_resources,
+)
 from sage_prefect.data import ArrowSerializer
 from sage_prefect.kernel import tag_limits
 from sage_prefect.kernel.plan import Node, Plan
@@ -73,6 +80,7 @@ class _RunState:
     tasks: dict[int, Task[..., Any]]
     stages: dict[int, StageRuntime]
     resources: dict[int, dict[str, float] | None]
+    client: Any = None  # the task runner's Dask client
     submitted: list[_Submitted] = field(default_factory=list)
     barrier_inputs: dict[int, list[_Submitted]] = field(default_factory=dict)
     rows_in: int = 0
@@ -188,7 +196,7 @@ def _execute(
         for n in plan.nodes
         if n.op is not None
     }
-    state = _RunState(plan, options, run_id, tasks, stages, resources)
+    state = _RunState(plan, options, run_id, tasks, stages, resources, client)
     drivers = _driver_instances(plan)
     try:
         for sink in drivers["sink"]:
@@ -329,6 +337,9 @@ def _first_failure(state: _RunState) -> BaseException | None:
     """The root cause of a failed run: the first failed task that did not just inherit a failure."""
     inherited: BaseException | None = None
     for item in state.submitted:
+        outside = dask_error(item.future.wrapped_future)  # type: ignore[attr-defined]
+        if outside is not None:
+            return _dask_failure(state, item, outside)
         task_state = item.future.state
         if task_state.is_completed():
             continue
@@ -354,6 +365,63 @@ def _first_failure(state: _RunState) -> BaseException | None:
     return inherited
 
 
+def _dask_failure(state: _RunState, item: _Submitted, exc: BaseException) -> SageError:
+    """The error of a task that Dask failed before Prefect could record an outcome.
+
+    Prefect's task engine runs inside the Dask task and returns the task's final state, so
+    a Dask future that *errs* failed outside it: its worker died until the scheduler gave
+    up (`distributed.KilledWorker`; the task run is left Running in Prefect), the worker
+    could not unpickle the task, or the task was cancelled. Such a future's Prefect state
+    never becomes final, so it is read from Dask. Dependents err with their upstream's
+    exception; a `KilledWorker` names the task that was lost, which is the one reported.
+    Tasks that merely waited on a dying worker count its death too, so more than one task
+    can be lost at once: the others are listed (``also_lost``), since Dask cannot tell
+    which of them killed the workers.
+    """
+    lost = lost_task(state.client, exc) if state.client is not None else None
+    if lost is None:
+        where = state.stages[item.node.id].where
+        return OperatorError(
+            f"{where}, {item.partition}: Dask failed the task outside Prefect: {type(exc).__name__}: {exc}",
+            operator=item.node.name,
+            stage=item.node.id,
+            partition=item.partition.index,
+            partition_key=item.partition.key,
+        )
+    lost_items = [s for s in state.submitted if _own_killed_key(s) is not None]
+    origin = next((s for s in lost_items if _key(s) == lost.key), item)
+    where = state.stages[origin.node.id].where
+    workers = ", ".join(lost.workers) or "unknown"
+    others = [s for s in lost_items if s is not origin]
+    also = "".join(
+        f"; Dask gave up on {state.stages[s.node.id].where}, {s.partition} with it" for s in others
+    )
+    return WorkerLostError(
+        f"{where}, {origin.partition}: lost {len(lost.workers)} Dask worker(s) while running it "
+        f"({workers}); Dask gave up after distributed.scheduler.allowed-failures="
+        f"{lost.allowed_failures} (KilledWorker){also}. What kills a worker on every attempt "
+        "(running out of memory, a crash in native code, an operator module the workers cannot "
+        "import) kills it again on a re-run: see the worker logs",
+        operator=origin.node.name,
+        stage=origin.node.id,
+        partition=origin.partition.index,
+        partition_key=origin.partition.key,
+        workers=lost.workers,
+        allowed_failures=lost.allowed_failures,
+        also_lost=[(s.node.name, s.partition.index) for s in others],
+    )
+
+
+def _key(item: _Submitted) -> str:
+    return str(item.future.wrapped_future.key)  # type: ignore[attr-defined]
+
+
+def _own_killed_key(item: _Submitted) -> str | None:
+    """The item's key if Dask gave up on *this* task (not on an upstream it depended on)."""
+    key = killed_key(dask_error(item.future.wrapped_future))  # type: ignore[attr-defined]
+    return key if key == _key(item) else None
+
+
 _PREFIX = "Task run encountered an exception "
 
 
@@ -364,6 +432,10 @@ def _exception_of(task_state: Any) -> BaseException:
     ("Task run encountered an exception RecordError: ..."), so our own error types are
     rebuilt from it by name; anything else becomes a `PipelineRunError` with the message.
     """
+    if not task_state.is_final():  # reading an unfinished run's result raises UnfinishedRun
+        if task_state.name == "NotReady":
+            return UpstreamTaskError(task_state.message or "an upstream task failed")
+        return PipelineRunError(f"its task run ended in state {task_state.name or task_state.type.value}")
     exc = task_state.result(raise_on_failure=False)
     if isinstance(exc, SageError | UpstreamTaskError):
         return exc

@@ -158,8 +158,9 @@ class BaseEnvironment:
         """Run the pipeline as one Prefect flow run and wait for it.
 
         Raises the error of the first failed operator (an `OperatorError` naming the
-        operator and partition, or another `SageError`); ``autostop`` shuts the
-        environment's cluster down afterwards.
+        operator and partition -- a `WorkerLostError`, also naming the lost workers, when
+        the Dask workers running a partition kept dying -- or another `SageError`);
+        ``autostop`` shuts the environment's cluster down afterwards.
         """
         flow = build_flow(self.plan, self._options(), self._task_runner(for_submit=True))
         try:
