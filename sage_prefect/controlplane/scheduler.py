@@ -245,17 +245,26 @@ Action = Dispatch | Reject | Fail | WakeAt
 
 
 class _Rate:
-    """Exponentially weighted tokens-per-second of one replica."""
+    """Tokens per second of one replica: exponentially decayed tokens over decayed seconds.
+
+    A ratio of sums, not an average of per-batch rates: a batch of one 3-token input costs a
+    fixed ~20-60 ms however few its tokens, so its own rate (~100 tokens/s) says nothing of
+    what a full batch does (thousands), and averaging such rates made a lone request look
+    15 s late. Weighted by their tokens, small batches barely move the figure."""
 
     def __init__(self, alpha: float = 0.3) -> None:
         self.alpha = alpha
+        self._tokens = 0.0
+        self._seconds = 0.0
         self.value: float | None = None
 
     def observe(self, tokens: int, seconds: float) -> None:
         if seconds <= 0 or tokens <= 0:
             return
-        rate = tokens / seconds
-        self.value = rate if self.value is None else self.alpha * rate + (1 - self.alpha) * self.value
+        keep = 1 - self.alpha
+        self._tokens = keep * self._tokens + tokens
+        self._seconds = keep * self._seconds + seconds
+        self.value = self._tokens / self._seconds
 
 
 class _Mean:
