@@ -132,6 +132,12 @@ def test_generator_sends_slo_class_and_priority(controlplane: str) -> None:
     )
     assert len(out) == 3
     assert _chat_requests(controlplane, "batch") - before == 3
+    # pipelines are batch work unless told otherwise; None leaves the class to the gateway
+    Generator({"base_url": controlplane, "max_tokens": 4}).run(rows[:1])
+    assert _chat_requests(controlplane, "batch") - before == 4
+    interactive = _chat_requests(controlplane, "interactive")
+    Generator({"base_url": controlplane, "max_tokens": 4, "slo_class": None}).run(rows[:1])
+    assert _chat_requests(controlplane, "interactive") - interactive == 1
 
     with pytest.raises(OperatorError) as info:
         Generator({"base_url": controlplane, "max_tokens": 4, "slo_class": "no-such-class"}).run(rows[:1])

@@ -45,9 +45,15 @@ class EndpointConfig(OperatorConfig):
     api_key: str | None = Field(None, description="API key; default SAGE_CONTROLPLANE_API_KEY")
     timeout_s: float = Field(600.0, gt=0, description="Per-request timeout in seconds")
     max_retries: int = Field(2, ge=0, le=20, description="SDK retries (429 and 5xx, with backoff)")
+    slo_class: str | None = Field(
+        "batch",
+        description="Sent as X-SLO-Class: pipeline work is throughput work, held to the batch class's "
+        "objective (600 s) rather than the interactive one's, which refuses (429) what would wait "
+        "longer than 10 s; None: the gateway's default class",
+    )
 
 
-_clients: dict[tuple[str, str, float, int, bool], OpenAI | AsyncOpenAI] = {}
+_clients: dict[tuple[str, str, float, int, str | None], OpenAI | AsyncOpenAI] = {}
 _lock = threading.Lock()
 
 
@@ -74,12 +80,16 @@ def client(cfg: EndpointConfig, operator: str) -> OpenAI:
     from openai import OpenAI
 
     base_url, key = resolve_endpoint(cfg, operator)
-    ident = (base_url, key, cfg.timeout_s, cfg.max_retries, False)
+    ident = (base_url, key, cfg.timeout_s, cfg.max_retries, cfg.slo_class)
     with _lock:
         found = _clients.get(ident)
         if found is None:
             found = _clients[ident] = OpenAI(
-                base_url=base_url, api_key=key, timeout=cfg.timeout_s, max_retries=cfg.max_retries
+                base_url=base_url,
+                api_key=key,
+                timeout=cfg.timeout_s,
+                max_retries=cfg.max_retries,
+                default_headers=_headers(cfg),
             )
     assert isinstance(found, OpenAI)
     return found
@@ -90,7 +100,17 @@ def async_client(cfg: EndpointConfig, operator: str) -> AsyncOpenAI:
     from openai import AsyncOpenAI
 
     base_url, key = resolve_endpoint(cfg, operator)
-    return AsyncOpenAI(base_url=base_url, api_key=key, timeout=cfg.timeout_s, max_retries=cfg.max_retries)
+    return AsyncOpenAI(
+        base_url=base_url,
+        api_key=key,
+        timeout=cfg.timeout_s,
+        max_retries=cfg.max_retries,
+        default_headers=_headers(cfg),
+    )
+
+
+def _headers(cfg: EndpointConfig) -> dict[str, str]:
+    return {"X-SLO-Class": cfg.slo_class} if cfg.slo_class else {}
 
 
 @dataclass

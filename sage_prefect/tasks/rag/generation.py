@@ -570,7 +570,6 @@ class Generator(Operator, MapFunction):
         top_p: float | None = Field(None, gt=0.0, le=1.0)
         seed: int | None = None
         stop: str | list[str] | None = None
-        slo_class: str | None = Field(None, description="Sent as x-slo-class ('interactive', 'batch', ...)")
         priority: int | None = Field(None, description="Sent as x-priority (lower runs first)")
         concurrency: int = Field(8, ge=1, le=256, description="Requests in flight per partition")
         output_field: str = "answer"
