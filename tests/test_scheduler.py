@@ -386,7 +386,8 @@ def test_retry_after_is_estimated_for_the_rejected_request_itself() -> None:
     assert isinstance(late_chat, Reject) and late_chat.code == "queue_full"
     assert late_batch.retry_after == 48.0  # 12 ahead x 4 s
     assert late_chat.retry_after == 16.0  # 4 ahead x 4 s (the first class's figure before the fix)
-    # embeddings: the rejected request's own tokens count (100 tokens/s; 900 waiting + 200 of its own)
+    # embeddings: the running batch, the tokens waiting and the rejected request's own count
+    # (100 tokens/s; 10 running + 900 waiting + 200 of its own: 11.1 s)
     e = Scheduler("fifo", CLASSES, BatchLimits(max_batch_size=1, max_wait_ms=0))
     e.add_replica(Replica("e-0", "emb", "embedding"))
     e.handle(Submit(emb("a", 0.0, tokens=100), 0.0))
@@ -394,7 +395,7 @@ def test_retry_after_is_estimated_for_the_rejected_request_itself() -> None:
     e.handle(Submit(emb("run", 1.0, tokens=10), 1.0))
     e.handle(Submit(emb("w", 1.0, tokens=900), 1.0))
     (reject,) = [a for a in e.handle(Submit(emb("big", 1.0, tokens=200), 1.0)) if isinstance(a, Reject)]
-    assert reject.code == "token_budget_full" and reject.retry_after == 11.0
+    assert reject.code == "token_budget_full" and reject.retry_after == 12.0
 
 
 # ---- queues: heap order, lazy removal, counters -----------------------------------------------
@@ -612,3 +613,24 @@ def test_admission_answers_as_submit_would_without_changing_anything() -> None:
     assert isinstance(reject, Reject) and reject.code == late.code and reject.retry_after == late.retry_after
     assert s.queue_depth() == depth + 2 and set(s.requests) == {*known, "w3", "w4"}
     assert s.admission("no-such-model", "llm", "chat") is None  # Submit answers that one (404)
+
+
+def test_an_embedding_estimate_counts_the_running_batch_and_its_own_batchs_size() -> None:
+    """Under a queue, a request's answer waits for the batch running now and for its own batch,
+    which fills up like recent ones: a 10-token request behind a queue is not 10 tokens of work."""
+    classes = {"tight": SLOClass("tight", e2e_ms=5_000, reject_when_late=True, max_queue=100)}
+    s = Scheduler("fifo", classes, BatchLimits(max_batch_size=4, max_wait_ms=10_000))
+    s.add_replica(Replica("e-0", "emb", "embedding"))
+    first = [emb(f"a{i}", 0.0, tokens=100, slo="tight") for i in range(4)]
+    for req in first:
+        s.handle(Submit(req, 0.0))
+    s.handle(Done("e-0", tuple(r.id for r in first), 1.0))  # a batch of 400 tokens in 1 s
+    for i in range(4):
+        s.handle(Submit(emb(f"r{i}", 1.0, tokens=100, slo="tight"), 1.0))  # one batch running now
+    for i in range(4):
+        s.handle(Submit(emb(f"w{i}", 1.0, tokens=300, slo="tight"), 1.0))  # 1200 tokens waiting
+    # 400 running + 1200 waiting + a batch like the recent ones (400) = 2000 tokens: 5 s, on time
+    assert s.admission("emb", "embedding", "tight") is None
+    s.handle(Submit(emb("w4", 1.0, tokens=100, slo="tight"), 1.0))
+    late = s.admission("emb", "embedding", "tight")  # 2100 tokens: 5.25 s > 5 s
+    assert late is not None and late.code == "deadline_unreachable" and "(5250 ms)" in late.message

@@ -482,6 +482,7 @@ class Scheduler:
         self._seq = itertools.count()
         self._batch_ids = itertools.count(1)
         self._rates: dict[str, _Rate] = {}  # embedding replicas: tokens per second
+        self._batch_tokens: dict[str, _Mean] = {}  # embedding models: tokens per dispatched batch
         self._llm_seconds: dict[str, _Mean] = {}  # LLM models: seconds per request, dispatch to Done
         self._class_waiting: dict[str, int] = {}  # waiting requests per class, all models
         self._class_tokens: dict[str, int] = {}
@@ -806,6 +807,7 @@ class Scheduler:
             for req in requests:
                 self._start(req, replica, now)
             replica.batches[batch_id] = ([r.id for r in requests], now, tokens)
+            self._batch_tokens.setdefault(model, _Mean()).observe(tokens)
             actions.append(Dispatch(replica.id, tuple(r.id for r in requests), batch_id))
 
     def _start(self, req: Request, replica: Replica, now: float) -> None:
@@ -875,7 +877,12 @@ class Scheduler:
             known = [rate for r in replicas if (rate := self._rates[r.id].value)]
             if not known:
                 return None
-            return (ahead_tokens + req.tokens) / sum(known)
+            # until its answer: the batches running now (counted whole), the tokens ahead, and its
+            # own batch, which under a queue fills up like recent ones (not just its own tokens)
+            running = sum(batch[2] for r in replicas for batch in r.batches.values())
+            recent = self._batch_tokens.get(req.model)
+            fill = recent.value if ahead_tokens and recent is not None and recent.value else 0.0
+            return (running + ahead_tokens + max(float(req.tokens), fill)) / sum(known)
         per_request = self._llm_seconds.get(req.model)
         if per_request is None or per_request.value is None:
             return None
