@@ -94,7 +94,7 @@ class SLOClass:
 
 DEFAULT_CLASSES = {
     "interactive": SLOClass(
-        "interactive", ttft_ms=1000, tpot_ms=200, e2e_ms=10_000, max_queue=256, priority=-1
+        "interactive", ttft_ms=1000, tpot_ms=200, e2e_ms=2_000, max_queue=256, priority=-1
     ),
     "batch": SLOClass("batch", e2e_ms=600_000, max_queue=4096, max_queued_tokens=8_000_000, priority=1),
 }
