@@ -383,6 +383,16 @@ class _Generation(_Body):
         return {k: getattr(self, k) for k in fields if k in self.model_fields_set}
 
 
+_SHAPES: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "tools": (list, "tools must be a list of {'type': 'function', 'function': {...}} objects"),
+    "tool_choice": (
+        (str, dict),
+        "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', ...}",
+    ),
+    "response_format": (dict, "response_format must be an object with a 'type'"),
+}
+
+
 class ChatCompletionRequest(_Generation):
     messages: list[Message]
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
@@ -410,25 +420,13 @@ class ChatCompletionRequest(_Generation):
             raise fail("logprobs are not supported by this server")
         return value
 
-    @field_validator("tools", mode="before")
+    @field_validator("tools", "tool_choice", "response_format", mode="before")
     @classmethod
-    def _tool_list(cls, value: Any) -> Any:
-        if value is not None and not isinstance(value, list):
-            raise fail("tools must be a list of {'type': 'function', 'function': {...}} objects")
-        return value
-
-    @field_validator("tool_choice", mode="before")
-    @classmethod
-    def _tool_choice(cls, value: Any) -> Any:
-        if value is not None and not isinstance(value, str | dict):
-            raise fail("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', ...}")
-        return value
-
-    @field_validator("response_format", mode="before")
-    @classmethod
-    def _format(cls, value: Any) -> Any:
-        if value is not None and not isinstance(value, dict):
-            raise fail("response_format must be an object with a 'type'")
+    def _shape(cls, value: Any, info: ValidationInfo) -> Any:
+        """The JSON type of the tool and format fields (`structured.check_*` read the rest)."""
+        types, message = _SHAPES[str(info.field_name)]
+        if value is not None and not isinstance(value, types):
+            raise fail(message)
         return value
 
     def completion_limit(self) -> tuple[str, int | None]:
