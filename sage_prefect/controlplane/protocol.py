@@ -10,7 +10,8 @@ per-deployment bounds (characters per string, messages, inputs) come from
 tokenised.
 
 Responses are plain dicts with the shapes below (`TypedDict`, so no per-request model cost);
-the tests check them against the ``openai`` SDK's own types.
+the tests read them with the ``openai`` SDK, and ``benchmarks/faults.py`` checks them against
+OpenAI's own OpenAPI spec with schemathesis.
 """
 
 from __future__ import annotations
