@@ -29,9 +29,8 @@ schema      schemathesis with OpenAI's own OpenAPI spec against the served opera
 Run:  .venv/bin/python benchmarks/faults.py [--overload-seconds 15] [--objectives default,10000]
       [--skip-schema] [--schema-examples 30]
 Writes benchmarks/results/faults.json (and faults_overload.png: every request of the overload
-over time, which the JSON leaves out). On
-this 2-core machine the load generator shares the cores with the gateway; the load average
-before the run is recorded. Takes 3-6 minutes.
+over time, which the JSON leaves out). On this 2-core machine the load generator shares the
+cores with the gateway; the load average before the run is recorded. Takes 3-6 minutes.
 """
 
 from __future__ import annotations
