@@ -37,6 +37,7 @@ from sage_prefect.controlplane.scheduler import (
     Event,
     Fail,
     FirstToken,
+    Kind,
     Load,
     Reject,
     Replica,
@@ -186,12 +187,12 @@ class ControlPlane:
         assert isinstance(engine, LLMEngine)
         return engine
 
-    def admit(self, model: str, kind: str, slo: str) -> None:
+    def admit(self, model: str, kind: Kind, slo: str) -> None:
         """Refuse at once what admission control would refuse anyway (a full queue, a wait past
         the class's objective), before the request is tokenised or rendered: under overload a
         refusal must cost the least. 404 for a model that does not serve ``kind``."""
         self.model(model, kind)
-        reject = self.scheduler.admission(model, "llm" if kind == "llm" else "embedding", slo)
+        reject = self.scheduler.admission(model, kind, slo)
         if reject is not None:
             self.metrics.rejected(model, slo, reject.code)
             raise ServiceError(

@@ -465,8 +465,9 @@ class TransformersLLMEngine(LLMEngine):
     def _prepare(self, request: GenerationRequest) -> _Sequence:
         if request.prompt_ids is None:  # not prepared by the gateway (a direct caller)
             self.prepare(request)
+        else:  # token ids given: still within the context
+            self._check_length(len(request.prompt_ids), request.max_tokens)
         prompt_ids = list(request.prompt_ids or ())
-        self._check_length(len(prompt_ids), request.max_tokens)
         constraint = None
         if request.constrained:
             # the gateway's compiled constraint serves the first attempt; a retry starts afresh

@@ -8,7 +8,7 @@ from typing import Any
 from sage_prefect.controlplane.engines.base import GenerationRequest, LLMEngine
 from sage_prefect.controlplane.protocol import APIError, ChatCompletionRequest
 from sage_prefect.controlplane.serving.common import Gateway
-from sage_prefect.controlplane.serving.generation import Prepared, finish_request
+from sage_prefect.controlplane.serving.generation import Prepared, completion_length, finish_request
 from sage_prefect.controlplane.structured import (
     InvalidRequest,
     check_response_format,
@@ -37,7 +37,7 @@ def prepare(gateway: Gateway, body: ChatCompletionRequest) -> Prepared:
     request = GenerationRequest(
         id="",
         prompt=prompt,
-        max_tokens=_max_tokens(gateway, field, max_tokens, 256),
+        max_tokens=completion_length(gateway, field, max_tokens, 256),
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         stop=body.stops(),
@@ -64,12 +64,3 @@ def _text_only(messages: list[dict[str, Any]], engine: LLMEngine) -> None:
                         "reads text only",
                         param=f"messages[{i}].content[{k}].type",
                     )
-
-
-def _max_tokens(gateway: Gateway, field: str, value: int | None, default: int) -> int:
-    limit = gateway.config.limits.max_tokens
-    if value is None:
-        return min(default, limit)
-    if value > limit:
-        raise APIError(400, f"{field} must be an integer between 1 and {limit}, got {value}", param=field)
-    return value

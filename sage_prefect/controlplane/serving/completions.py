@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from sage_prefect.controlplane.engines.base import GenerationRequest
 from sage_prefect.controlplane.protocol import CompletionRequest
-from sage_prefect.controlplane.serving.chat import _max_tokens
 from sage_prefect.controlplane.serving.common import Gateway
-from sage_prefect.controlplane.serving.generation import Prepared, finish_request
+from sage_prefect.controlplane.serving.generation import Prepared, completion_length, finish_request
 
 
 def prepare(gateway: Gateway, body: CompletionRequest) -> Prepared:
@@ -15,7 +14,7 @@ def prepare(gateway: Gateway, body: CompletionRequest) -> Prepared:
     request = GenerationRequest(
         id="",
         prompt=prompt,
-        max_tokens=_max_tokens(gateway, "max_tokens", body.max_tokens, 16),
+        max_tokens=completion_length(gateway, "max_tokens", body.max_tokens, 16),
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         stop=body.stops(),

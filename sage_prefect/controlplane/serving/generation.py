@@ -39,8 +39,6 @@ class Prepared:
     request: GenerationRequest
     stream: bool
     include_usage: bool
-    slo_class: str | None
-    priority: int | None
 
 
 def finish_request(
@@ -64,9 +62,17 @@ def finish_request(
         request=request,
         stream=bool(body.stream),
         include_usage=bool(options is not None and options.include_usage),
-        slo_class=body.slo_class,
-        priority=body.priority,
     )
+
+
+def completion_length(gateway: Gateway, field: str, value: int | None, default: int) -> int:
+    """The completion's ``max_tokens``: ``default`` when unset, at most ``limits.max_tokens``."""
+    limit = gateway.config.limits.max_tokens
+    if value is None:
+        return min(default, limit)
+    if value > limit:
+        raise APIError(400, f"{field} must be an integer between 1 and {limit}, got {value}", param=field)
+    return value
 
 
 async def serve(
