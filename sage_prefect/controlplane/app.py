@@ -19,6 +19,7 @@ import gc
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -80,7 +81,12 @@ def create_app(config: ControlPlaneConfig, plane: ControlPlane | None = None) ->
 
     async def health(_: Request) -> Response:
         replicas = {r.id: r.healthy for r in plane.scheduler.replicas.values()}
-        return JSONResponse({"status": "ok" if all(replicas.values()) else "degraded", "replicas": replicas})
+        doc: dict[str, Any] = {"status": "ok" if all(replicas.values()) else "degraded", "replicas": replicas}
+        if plane.supervisor is not None:  # placed models: where each replica runs, and scaling
+            doc["cluster"] = plane.supervisor.address
+            doc["placed"] = plane.supervisor.snapshot()
+            doc["scaling"] = {m: plane.scheduler.scaling_state(m) for m in plane.scheduler.scaled_models()}
+        return JSONResponse(doc)
 
     async def metrics(_: Request) -> Response:
         return Response(plane.metrics.render(), media_type="text/plain; version=0.0.4")

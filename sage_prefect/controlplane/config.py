@@ -34,12 +34,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sage_prefect.common.yamlfile import read_yaml
 from sage_prefect.controlplane.scheduler import POLICIES, BatchLimits, SLOClass, is_cpu
 
-ENGINES = ("sentence-transformers", "transformers", "openai")
+ENGINES = ("sentence-transformers", "transformers", "openai", "command")
+#: engines the project runs itself (in the gateway, or as an engine server on a Dask worker)
+OWN_ENGINES = ("sentence-transformers", "transformers")
 DEFAULT_LLM = "smollm2-135m-instruct"
 
 
@@ -47,14 +49,62 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ReplicasConfig(_Strict):
+    """How many replicas of a model run; between ``min`` and ``max`` the scheduler scales them
+    (placed models only) on the estimated wait against the classes' objectives: up when the
+    wait passes ``up_ratio`` of an objective (or ``queue_per_replica`` requests wait per
+    replica), down one at a time after ``down_delay_s`` of little load (scheduler.py)."""
+
+    min: int = Field(1, ge=1, le=64)
+    max: int = Field(1, ge=1, le=64)
+    up_ratio: float = Field(0.5, gt=0)
+    down_ratio: float = Field(0.1, ge=0)
+    down_delay_s: float = Field(60.0, ge=0)
+    queue_per_replica: float | None = Field(None, gt=0)
+    retry_s: float = Field(10.0, ge=0)  # after a replica failed to start, wait this long before another
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReplicasConfig:
+        if self.max < self.min:
+            raise ValueError(f"replicas.max ({self.max}) is below replicas.min ({self.min})")
+        if self.down_ratio >= self.up_ratio:
+            raise ValueError(
+                f"replicas.down_ratio ({self.down_ratio}) must be below up_ratio ({self.up_ratio})"
+            )
+        return self
+
+
 class ModelConfig(_Strict):
     name: str = Field(min_length=1)
     kind: Literal["llm", "embedding"]
-    engine: Literal["sentence-transformers", "transformers", "openai"]
-    replicas: int = Field(1, ge=1, le=64)
+    engine: Literal["sentence-transformers", "transformers", "openai", "command"]
+    replicas: ReplicasConfig = Field(default_factory=ReplicasConfig)  # or a number: min = max
     device: str | None = "cpu"  # replicas of different models on one device share it (hybrid policy)
     slots: int | None = Field(None, ge=1)  # LLM: sequences in flight per replica (default: the engine's)
     params: dict[str, Any] = Field(default_factory=dict)
+    # placement on the cluster (`cluster:`): a model with `resources` runs each replica as a process
+    # on a Dask worker carrying these labels (held while it lives), instead of in the gateway
+    resources: dict[str, float] | None = None
+    memory_gb: float | None = Field(None, gt=0)  # a worker must have this much (Dask's memory limit)
+    command: list[str] | None = None  # engine 'command': argv of an OpenAI-compatible server
+    ready_timeout_s: float = Field(300.0, gt=0)  # from process start to answering `ready_path`
+    ready_path: str = "/v1/models"
+    env: dict[str, str] = Field(default_factory=dict)  # extra environment of a placed replica
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _fixed_count(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return {"min": value, "max": value}
+        return value
+
+    @field_validator("resources")
+    @classmethod
+    def _positive(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for label, amount in (value or {}).items():
+            if amount <= 0:
+                raise ValueError(f"resource {label!r} must be a positive number, got {amount}")
+        return value
 
     @model_validator(mode="after")
     def _engine_fits_kind(self) -> ModelConfig:
@@ -64,7 +114,34 @@ class ModelConfig(_Strict):
             )
         if self.kind == "llm" and self.engine == "sentence-transformers":
             raise ValueError("engine 'sentence-transformers' serves kind 'embedding'")
+        if self.engine == "command":
+            if not self.command:
+                raise ValueError(
+                    "engine 'command' needs `command`: the server's argv, with {port} (and {host})"
+                )
+            if not any("{port}" in part for part in self.command):
+                raise ValueError("`command` must contain {port}: the control plane picks the port")
+            if self.resources is None:
+                raise ValueError(
+                    "engine 'command' runs on a cluster worker: give it `resources` (and `cluster:`)"
+                )
+        elif self.command is not None:
+            raise ValueError(f"`command` is for engine 'command', not {self.engine!r}")
+        if self.resources is None and self.replicas.min != self.replicas.max:
+            raise ValueError(
+                "replicas.min/max (autoscaling) needs placement on the cluster: give the model `resources`"
+            )
+        if self.resources is not None and self.engine == "openai":
+            raise ValueError(
+                "engine 'openai' forwards to servers you run (base_url/base_urls); to have the control "
+                "plane run them on the cluster, use engine 'command'"
+            )
         return self
+
+    @property
+    def placed(self) -> bool:
+        """Whether this model's replicas run on cluster workers (it has `resources`)."""
+        return self.resources is not None
 
 
 class ClassConfig(_Strict):
@@ -104,6 +181,30 @@ class LimitsConfig(_Strict):
     max_string_chars: int = Field(1_048_576, ge=1)  # one string (content, input, prompt): OpenAI's limit
 
 
+class ClusterConfig(_Strict):
+    """The Dask cluster that placed models (those with `resources`) run on.
+
+    ``address: local`` starts a labelled local cluster in the gateway process, as pipelines
+    get one (GPU workers for detected GPUs, CPU workers on the other cores, plus ``workers``
+    with any labels); any other address (``tcp://scheduler:8786``) joins a running cluster.
+    """
+
+    address: str = "local"
+    n_gpu_workers: int | None = Field(None, ge=0)  # local only
+    n_cpu_workers: int | None = Field(None, ge=0)  # local only
+    threads_per_worker: int = Field(1, ge=1)  # local only
+    host: str = "127.0.0.1"  # local only: where the scheduler and workers listen
+    workers: list[dict[str, Any]] = Field(default_factory=list)  # local only: {name, resources, nthreads}
+    # how long to wait for a worker with a model's labels to join (an adaptive cluster adds one on
+    # demand); 0: fail at once, naming the model and the missing label
+    wait_for_workers_s: float = Field(0.0, ge=0)
+    restart_backoff_s: float = Field(2.0, ge=0)  # first delay before a failed replica is started again
+
+    @property
+    def local(self) -> bool:
+        return self.address == "local"
+
+
 def _default_models() -> list[ModelConfig]:
     return [
         ModelConfig(name="all-MiniLM-L6-v2", kind="embedding", engine="sentence-transformers"),
@@ -140,6 +241,7 @@ class ControlPlaneConfig(_Strict):
     api_keys_file: Path | None = None
     keys: dict[str, KeyConfig] = Field(default_factory=dict)
     max_attempts: int = Field(3, ge=1)
+    cluster: ClusterConfig | None = None  # where placed models (with `resources`) run
 
     @model_validator(mode="after")
     def _consistent(self) -> ControlPlaneConfig:
@@ -156,6 +258,12 @@ class ControlPlaneConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        placed = [m.name for m in self.models if m.placed]
+        if placed and self.cluster is None:
+            raise ValueError(
+                f"models {', '.join(placed)} have `resources` (placement on a Dask cluster) but there is no "
+                "`cluster:` section; add `cluster: {address: local}` or the address of a scheduler"
+            )
         if self.policy == "hybrid":
             # hybrid on a CPU that a local LLM shares: embeddings compute at background priority,
             # so the LLM's threads preempt them (engines/sentence_transformers.py explains why)

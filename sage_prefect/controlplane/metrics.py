@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -75,6 +78,12 @@ class Metrics:
         self.requests = Counter(
             "sage_requests", "Requests received", ["model", "slo_class", "endpoint"], registry=self.registry
         )
+        self.scale_events = Counter(
+            "sage_scale_events",
+            "Replicas of placed models asked for ('up'), stopped ('down') or given up ('start_failed')",
+            ["model", "direction"],
+            registry=self.registry,
+        )
 
     def observe_batch(self, model: str, size: int) -> None:
         self.batch_size.labels(model).observe(size)
@@ -101,10 +110,53 @@ class Metrics:
             for slo in scheduler.classes:
                 self.queue_depth.labels(model, slo).set_function(partial(scheduler.queue_depth, model, slo))
         for replica in scheduler.replicas.values():
-            self.replica_up.labels(replica.id).set_function(partial(_healthy, replica))
+            self.watch_replica(replica)
+
+    def watch_replica(self, replica: Any) -> None:
+        """Report a replica added after start-up (a placed model's, scaled up)."""
+        self.replica_up.labels(replica.id).set_function(partial(_healthy, replica))
+
+    def watch_placements(self, supervisor: Any, scheduler: Any) -> None:
+        """Placed replicas, read at scrape time: ``sage_replica_state{replica, model, worker, state}``
+        (1 for the state it is in), ``sage_replica_restarts{replica, model}`` and
+        ``sage_replicas{model, state}`` (serving, starting, draining: the scheduler's view)."""
+        self.registry.register(_PlacementCollector(supervisor, scheduler))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _PlacementCollector(Collector):
+    def __init__(self, supervisor: Any, scheduler: Any) -> None:
+        self.supervisor = supervisor
+        self.scheduler = scheduler
+
+    def collect(self) -> Iterator[Metric]:
+        state = GaugeMetricFamily(
+            "sage_replica_state",
+            "Placed replicas: 1 for the state each is in, with the Dask worker it runs on",
+            labels=["replica", "model", "worker", "state"],
+        )
+        restarts = CounterMetricFamily(
+            "sage_replica_restarts",
+            "Times a placed replica was started again (its process or worker died)",
+            labels=["replica", "model"],
+        )
+        for rid, info in list(self.supervisor.replicas.items()):
+            state.add_metric([rid, info.model.name, info.worker_name or "", info.state], 1.0)
+            restarts.add_metric([rid, info.model.name], float(info.restarts))
+        replicas = GaugeMetricFamily(
+            "sage_replicas", "Replicas of a placed model by scaling state", labels=["model", "state"]
+        )
+        for model in {m.name for m in (i.model for i in self.supervisor.replicas.values())} | set(
+            self.scheduler.scaled_models()
+        ):
+            view = self.scheduler.scaling_state(model)
+            for key in ("ready", "starting", "draining"):
+                replicas.add_metric([model, key], float(view.get(key, 0)))
+        yield state
+        yield restarts
+        yield replicas
 
 
 def _healthy(replica: Any) -> float:

@@ -1,9 +1,11 @@
 """The scheduler: a pure state machine. Events in, actions out; no I/O, no clocks, no threads.
 
-The service feeds it `Submit`, `Done`, `Cancel`, `Tick`, `ReplicaUp`/`ReplicaDown` and
-`Load` events (each carrying the time ``now``) and carries out what it returns: `Dispatch`
-(run these requests on that replica), `Reject` (answer 429/503 with ``Retry-After``),
-`Fail` (a request that cannot be served any more) and `WakeAt` (send a `Tick` then).
+The service feeds it `Submit`, `Done`, `Cancel`, `Tick`, `ReplicaUp`/`ReplicaDown`, `Load`
+and, for replicas it starts and stops, `ReplicaStarted`/`ReplicaStartFailed`/`ReplicaRemoved`
+events (each carrying the time ``now``) and carries out what it returns: `Dispatch` (run
+these requests on that replica), `Reject` (answer 429/503 with ``Retry-After``), `Fail` (a
+request that cannot be served any more), `WakeAt` (send a `Tick` then), and, for models with
+a `ScalePolicy`, `ScaleUp` (start replicas) and `StopReplica` (stop a drained one).
 
 Policies decide the order of waiting requests (each a small `Policy` object, `POLICIES`):
 
@@ -58,6 +60,41 @@ deadline), so a request is rejected only when its objective is out of reach even
   ``max(0, n - free) * s / slots``. With 4 s per request, 5 ahead and 1 busy slot: 20 s.
 * Embeddings: the tokens ahead plus the request's own, over the summed measured tokens per
   second of the model's healthy replicas.
+
+Only *serving* replicas (healthy, not draining) take new work or count in estimates. A model
+whose replicas are down but one is restarting (`ReplicaDown` with ``restarting``) or starting
+(asked for by `ScaleUp`, not yet back) keeps its queue: requests wait for it, bounded by
+admission as ever, instead of failing with 503.
+
+Autoscaling (`Scheduler.set_scaling`; a model without a `ScalePolicy` is never scaled). A
+model's scaling is evaluated after scheduling, at most once per 0.25 s of ``now``; an event
+in between asks for a wake-up then, and a pending scale-down timer or backoff asks for one
+when it falls due, so every decision is taken without further traffic.
+
+* *ready* = serving + restarting replicas; *starting* = asked for, and neither
+  `ReplicaStarted` nor `ReplicaStartFailed` yet.
+* *pressure*: over the classes with waiting requests of the model, the largest estimated wait
+  of a new request of that class (no tokens) over the class's objective (TTFT for LLM, end to
+  end for embeddings, else end to end; a class with neither is skipped). With no estimate (no
+  speed measured yet) while every serving replica's slots are busy: ``2 * up_ratio``. With
+  ``queue_per_replica`` set, at least ``waiting / serving / queue_per_replica * up_ratio``.
+  Nothing waiting, or no serving replica (capacity is on its way, or the queue has failed):
+  0.
+* Up: below ``min_replicas`` (ready + starting), the missing ones are asked for. When the
+  pressure exceeds ``up_ratio``: ``ceil(max(ready, 1) * pressure / up_ratio)`` replicas, at
+  least ready + 1 when none is starting (while some start, only a larger proportional target
+  asks for more), never more than ``max_replicas``; the `ScaleUp` asks for the difference to
+  ready + starting and names the pressure. For ``retry_s`` after a `ReplicaStartFailed`, no
+  `ScaleUp` for that model.
+* Down: a model is quiet when nothing waits, nothing starts, ready > ``min_replicas``, at
+  least two replicas serve, pressure <= ``down_ratio`` and the busy slots (running LLM
+  requests, running embedding batches) fit in one serving replica fewer at half load. Once
+  it has been quiet for ``down_delay_s`` without a break, and ``down_delay_s`` have passed
+  since its last `ScaleUp` or `ReplicaStarted`, the serving replica with the least running
+  work (of equals, the most recently added) drains: it takes no new work, and when its last
+  running work is done (at once if idle) `StopReplica` goes out, once; the runtime answers
+  `ReplicaRemoved`. The quiet period starts again, so replicas go one per ``down_delay_s``.
+  A draining replica that is the only healthy one left is taken back instead.
 """
 
 from __future__ import annotations
@@ -135,6 +172,9 @@ class Replica:
     slots: int = 1  # LLM: sequences at once; embedding: batches at once
     device: str | None = None  # replicas on the same device share compute (hybrid)
     healthy: bool = True
+    draining: bool = False  # chosen to scale down: takes no new work, its running work finishes
+    restarting: bool = False  # down, and the runtime is starting it again (see `ReplicaDown`)
+    supervised: bool = False  # the runtime restarts it whenever it goes down (a placed replica)
     running: dict[str, Request] = field(default_factory=dict)
     batches: dict[int, tuple[list[str], float, int]] = field(default_factory=dict)  # id -> (reqs, t0, tokens)
     queue_depth: int = 0  # requests waiting inside the engine (an upstream's own queue)
@@ -145,7 +185,7 @@ class Replica:
 
     @property
     def free(self) -> int:
-        return self.slots - self.busy if self.healthy else 0
+        return self.slots - self.busy if self.healthy and not self.draining else 0
 
     @property
     def load(self) -> float:
@@ -190,13 +230,46 @@ class Tick:
 
 @dataclass(frozen=True)
 class ReplicaDown:
+    """A replica is out; ``restarting``: the runtime is starting it again (its Dask worker died),
+    so the model's requests queue for it instead of failing with 503."""
+
     replica: str
+    now: float
+    reason: str = ""
+    restarting: bool = False
+
+
+@dataclass(frozen=True)
+class ReplicaUp:
+    """A replica is healthy again (this ends a restart)."""
+
+    replica: str
+    now: float
+
+
+@dataclass(frozen=True)
+class ReplicaStarted:
+    """A replica the runtime started (after a `ScaleUp`, or on its own) is ready: registered as
+    `Scheduler.add_replica` does; one fewer of its model is starting."""
+
+    replica: Replica
+    now: float
+
+
+@dataclass(frozen=True)
+class ReplicaStartFailed:
+    """The runtime could not start one of the replicas a `ScaleUp` asked for."""
+
+    model: str
     now: float
     reason: str = ""
 
 
 @dataclass(frozen=True)
-class ReplicaUp:
+class ReplicaRemoved:
+    """The runtime stopped a replica (after `StopReplica`, or lost it for good): it is forgotten,
+    and later `Done` events from it are ignored."""
+
     replica: str
     now: float
 
@@ -208,7 +281,19 @@ class Load:
     now: float
 
 
-Event = Submit | Done | FirstToken | Cancel | Tick | ReplicaDown | ReplicaUp | Load
+Event = (
+    Submit
+    | Done
+    | FirstToken
+    | Cancel
+    | Tick
+    | ReplicaDown
+    | ReplicaUp
+    | Load
+    | ReplicaStarted
+    | ReplicaStartFailed
+    | ReplicaRemoved
+)
 
 # ---- actions --------------------------------------------------------------------------
 
@@ -241,7 +326,62 @@ class WakeAt:
     time: float
 
 
-Action = Dispatch | Reject | Fail | WakeAt
+@dataclass(frozen=True)
+class ScaleUp:
+    """Start ``count`` more replicas of ``model``; each answers with `ReplicaStarted` or
+    `ReplicaStartFailed`."""
+
+    model: str
+    count: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class StopReplica:
+    """A draining replica has no work left: stop it and answer with `ReplicaRemoved`."""
+
+    replica: str
+    reason: str
+
+
+Action = Dispatch | Reject | Fail | WakeAt | ScaleUp | StopReplica
+
+
+@dataclass(frozen=True)
+class ScalePolicy:
+    """How one model's replicas are scaled (see "Autoscaling" in the module docstring).
+
+    ``up_ratio`` and ``down_ratio`` are pressures (estimated wait over the class's objective);
+    ``queue_per_replica``, when set, makes that many waiting requests per serving replica count
+    as pressure ``up_ratio``; ``retry_s``: no `ScaleUp` for that long after `ReplicaStartFailed`."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    up_ratio: float = 0.5
+    down_ratio: float = 0.1
+    down_delay_s: float = 60.0
+    queue_per_replica: float | None = None
+    retry_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(
+                f"scaling needs 0 <= min_replicas <= max_replicas, got {self.min_replicas} and {self.max_replicas}"
+            )
+        if not 0 <= self.down_ratio < self.up_ratio:
+            raise ValueError(
+                f"scaling needs 0 <= down_ratio < up_ratio, got {self.down_ratio} and {self.up_ratio}"
+            )
+        if self.down_delay_s < 0 or self.retry_s < 0:
+            raise ValueError(
+                f"down_delay_s and retry_s must be >= 0, got {self.down_delay_s} and {self.retry_s}"
+            )
+        if self.queue_per_replica is not None and self.queue_per_replica <= 0:
+            raise ValueError(f"queue_per_replica must be > 0, got {self.queue_per_replica}")
+
+
+_NO_SCALING = ScalePolicy(min_replicas=0, max_replicas=0)  # scaling_state of a model without a policy
+_SCALE_INTERVAL_S = 0.25  # a model's scaling is evaluated at most once per this many seconds of ``now``
 
 
 class _Rate:
@@ -458,6 +598,19 @@ class HybridPolicy(SLOPolicy):
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (FifoPolicy, PriorityPolicy, SLOPolicy, HybridPolicy)}
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """One model's scaling figures (`Scheduler._plan`)."""
+
+    serving: list[Replica]
+    ready: int  # serving + restarting
+    starting: int
+    waiting: int
+    pressure: float
+    desired: int
+    why: str  # the reason a ScaleUp to ``desired`` would give
+
+
 class Scheduler:
     """See the module docstring. Not thread-safe: one caller feeds events in order."""
 
@@ -487,6 +640,14 @@ class Scheduler:
         self._class_waiting: dict[str, int] = {}  # waiting requests per class, all models
         self._class_tokens: dict[str, int] = {}
         self._wake: float | None = None
+        # autoscaling (models with a ScalePolicy only)
+        self._scaling: dict[str, ScalePolicy] = {}
+        self._starting: dict[str, int] = {}  # model -> replicas asked for, not yet started or failed
+        self._retry_at: dict[str, float] = {}  # model -> no ScaleUp before this (after a failed start)
+        self._last_up: dict[str, float] = {}  # model -> its last ScaleUp or ReplicaStarted
+        self._quiet_since: dict[str, float] = {}  # model -> since when it could do with one replica fewer
+        self._evaluated: dict[str, float] = {}  # model -> when its scaling was last evaluated
+        self._drains: dict[str, str] = {}  # draining replica -> reason, until its StopReplica goes out
 
     @property
     def policy(self) -> str:
@@ -505,6 +666,14 @@ class Scheduler:
         if replica.model not in self._models:
             self._models.append(replica.model)
             self._models.sort(key=lambda m: self._kind_of(m) != "llm")  # stable: else registration order
+
+    def set_scaling(self, model: str, policy: ScalePolicy) -> None:
+        """Scale ``model`` by ``policy`` from the next event on. The model needs no replica yet:
+        below ``min_replicas`` the scheduler asks for them (`ScaleUp`), and its requests queue
+        while they start."""
+        self._scaling[model] = policy
+        self._queues.setdefault(model, _Queue())
+        self._by_model.setdefault(model, [])
 
     def slo_class(self, name: str) -> SLOClass:
         return self.classes[name]
@@ -527,6 +696,23 @@ class Scheduler:
     def embedding_rate(self, replica: str) -> float | None:
         return self._rates[replica].value
 
+    def scaled_models(self) -> list[str]:
+        """The models with a `ScalePolicy`, in the order they got one."""
+        return list(self._scaling)
+
+    def scaling_state(self, model: str) -> dict[str, float]:
+        """``ready`` (serving + restarting replicas), ``starting``, ``draining``, ``pressure`` and
+        ``desired`` (the replicas the rule wants now, backoff aside) of ``model``; a model without
+        a policy reports its pressure and ``desired == ready + starting``."""
+        plan = self._plan(model, self._scaling.get(model, _NO_SCALING))
+        return {
+            "ready": plan.ready,
+            "starting": plan.starting,
+            "draining": sum(r.draining for r in self._by_model.get(model, ())),
+            "pressure": plan.pressure,
+            "desired": plan.desired,
+        }
+
     # ---- the state machine -----------------------------------------------------------
 
     def handle(self, event: Event) -> list[Action]:
@@ -542,17 +728,31 @@ class Scheduler:
         elif isinstance(event, Cancel):
             self._cancel(event.request)
         elif isinstance(event, ReplicaDown):
-            self._down(event.replica, event.reason or "replica failed", actions)
+            self._down(event.replica, event.reason or "replica failed", actions, event.restarting)
         elif isinstance(event, ReplicaUp):
             if event.replica in self.replicas:
                 self.replicas[event.replica].healthy = True
+                self.replicas[event.replica].restarting = False
         elif isinstance(event, Load) and event.replica in self.replicas:
             self.replicas[event.replica].queue_depth = max(0, event.queue_depth)
         elif isinstance(event, Tick):
             # the wake-up asked for has come: a batch still not due (a timer that fired a little
             # early: uvloop's have millisecond resolution) needs a new WakeAt, even for the same time
             self._wake = None
-        self._schedule(event.now, actions)
+        elif isinstance(event, ReplicaStarted):
+            self._started(event)
+        elif isinstance(event, ReplicaStartFailed):
+            self._start_failed(event, actions)
+        elif isinstance(event, ReplicaRemoved):
+            self._remove(event.replica, actions)
+        wake = self._schedule(event.now, actions)
+        if self._scaling:
+            at = self._autoscale(event.now, actions)
+            if at is not None and (wake is None or at < wake):
+                wake = at
+        if wake is not None and wake != self._wake:
+            actions.append(WakeAt(wake))
+        self._wake = wake
         return actions
 
     # ---- events ----------------------------------------------------------------------
@@ -564,11 +764,11 @@ class Scheduler:
         cls = self.classes.get(req.slo)
         if cls is None:
             raise ValueError(f"unknown SLO class {req.slo!r}")
-        replicas = [r for r in self._by_model.get(req.model, ()) if r.kind == req.kind]
-        if not replicas:
+        standing = self._standing(req.model, req.kind)
+        if standing == 404:
             actions.append(Fail(req.id, 404, f"no {req.kind} engine serves model {req.model!r}"))
             return
-        if not any(r.healthy for r in replicas):
+        if standing == 503:
             actions.append(
                 Reject(req.id, 503, "no_healthy_replica", f"every replica of {req.model!r} is down", 5.0)
             )
@@ -584,9 +784,22 @@ class Scheduler:
         own: a `Reject`, or None. Read-only; the gateway asks before it tokenises a request, so
         a refusal under overload costs the least."""
         cls = self.classes.get(slo)
-        if cls is None or not any(r.kind == kind and r.healthy for r in self._by_model.get(model, ())):
+        if cls is None or self._standing(model, kind):
             return None  # Submit gives the exact answer
         return self._admission(Request("_", model, kind, slo, 0.0, 0), cls)
+
+    def _standing(self, model: str, kind: Kind) -> int:
+        """404 when ``model`` has no ``kind`` replica (a model whose replicas all are yet to start
+        takes either kind), 503 when none serves and none is restarting or starting, else 0."""
+        known = self._by_model.get(model)
+        if known is None:
+            return 404
+        replicas = [r for r in known if r.kind == kind]
+        if known and not replicas:
+            return 404
+        if any(r.healthy and not r.draining for r in replicas) or self._pending(model):
+            return 0
+        return 503
 
     def _admission(self, req: Request, cls: SLOClass) -> Reject | None:
         """Admission control for ``req`` in class ``cls``: a full queue or token budget, or an
@@ -644,10 +857,12 @@ class Scheduler:
                 self.requests.pop(req.id, None)
                 if req.kind == "llm" and event.now > req.started:
                     self._llm_seconds.setdefault(req.model, _Mean()).observe(event.now - req.started)
-            return
-        for req in finished:
-            self._retry(req, replica.id, event.reason, actions)
-        self._down(replica.id, event.reason or "request failed on this replica", actions)
+        else:
+            for req in finished:
+                self._retry(req, replica.id, event.reason, actions)
+            self._down(replica.id, event.reason or "request failed on this replica", actions)
+        if replica.draining:
+            self._stop_if_idle(replica, actions)
 
     def _cancel(self, rid: str) -> None:
         req = self.requests.get(rid)
@@ -660,22 +875,74 @@ class Scheduler:
             del self.requests[rid]
         # a running request is finished by the engine; its Done event clears it
 
-    def _down(self, replica_id: str, reason: str, actions: list[Action]) -> None:
+    def _down(self, replica_id: str, reason: str, actions: list[Action], restarting: bool = False) -> None:
         replica = self.replicas.get(replica_id)
         if replica is None:
             return
         replica.healthy = False
+        replica.restarting = replica.restarting or restarting or replica.supervised
         # Work already running there stays accounted to it: the runtime reports each request's
         # own `Done` (``failed`` -> retried elsewhere, or finished if it completed after all).
         # Re-queueing it here would dispatch a request twice while its first run still goes on.
-        if not any(r.healthy for r in self._by_model[replica.model]):
-            for req in self._queues[replica.model].clear():
-                self._uncount(req)
-                del self.requests[req.id]
-                actions.append(Fail(req.id, 503, f"every replica of {replica.model!r} is down ({reason})"))
+        self._lost(replica.model, f"every replica of {replica.model!r} is down ({reason})", actions)
 
-    def _retry(self, req: Request, replica_id: str, reason: str, actions: list[Action]) -> None:
-        req.excluded.add(replica_id)
+    def _lost(self, model: str, message: str, actions: list[Action]) -> None:
+        """``model`` lost a replica: with none serving, a drain not yet stopped is called off (that
+        replica is all there is); with none serving, restarting or starting either, its waiting
+        requests fail with 503 and ``message``."""
+        replicas = self._by_model.get(model, ())
+        if any(r.healthy and not r.draining for r in replicas):
+            return
+        for r in replicas:
+            if r.draining and r.healthy and self._drains.pop(r.id, None) is not None:
+                r.draining = False
+                return
+        if self._pending(model):
+            return
+        for req in self._queues[model].clear():
+            self._uncount(req)
+            del self.requests[req.id]
+            actions.append(Fail(req.id, 503, message))
+
+    def _pending(self, model: str) -> bool:
+        """Whether replicas of ``model`` are on their way: restarting, or asked for and starting."""
+        if self._starting.get(model, 0) > 0:
+            return True
+        return any(r.restarting and not r.draining for r in self._by_model.get(model, ()))
+
+    def _started(self, event: ReplicaStarted) -> None:
+        model = event.replica.model
+        self.add_replica(event.replica)
+        if self._starting.get(model, 0) > 0:
+            self._starting[model] -= 1
+        self._last_up[model] = event.now
+
+    def _start_failed(self, event: ReplicaStartFailed, actions: list[Action]) -> None:
+        model = event.model
+        if self._starting.get(model, 0) > 0:
+            self._starting[model] -= 1
+        self._retry_at[model] = event.now + self._scaling.get(model, _NO_SCALING).retry_s
+        if model in self._queues:
+            self._lost(
+                model, f"no replica of {model!r} could be started ({event.reason or 'start failed'})", actions
+            )
+
+    def _remove(self, replica_id: str, actions: list[Action]) -> None:
+        """Forget a replica the runtime stopped; the work still running there is retried (its
+        `Done` will never come, or is ignored)."""
+        replica = self.replicas.pop(replica_id, None)
+        if replica is None:
+            return
+        self._by_model[replica.model].remove(replica)
+        del self._rates[replica_id]
+        self._drains.pop(replica_id, None)
+        for req in replica.running.values():
+            self._retry(req, None, "its replica was removed", actions)
+        self._lost(replica.model, f"every replica of {replica.model!r} is gone", actions)
+
+    def _retry(self, req: Request, replica_id: str | None, reason: str, actions: list[Action]) -> None:
+        if replica_id is not None:
+            req.excluded.add(replica_id)
         if req.attempts >= self.max_attempts:
             self.requests.pop(req.id, None)
             actions.append(Fail(req.id, 503, f"failed on {req.attempts} replicas; last: {reason}"))
@@ -716,13 +983,14 @@ class Scheduler:
 
     # ---- dispatch --------------------------------------------------------------------
 
-    def _schedule(self, now: float, actions: list[Action]) -> None:
+    def _schedule(self, now: float, actions: list[Action]) -> float | None:
+        """Dispatch what can start now; the time a waiting embedding batch falls due, if any."""
         wake: float | None = None
         for model in self._models:  # LLM models first
             queue = self._queues[model]
             if not queue.live:
                 continue
-            replicas = [r for r in self._by_model[model] if r.healthy]
+            replicas = self._serving(model)
             if not replicas:
                 continue
             if replicas[0].kind == "llm":
@@ -732,9 +1000,11 @@ class Scheduler:
                 if at is not None:
                     wake = at if wake is None else min(wake, at)
             queue.tidy()  # dispatched requests leave the live ones; stale entries may now outnumber them
-        if wake is not None and wake != self._wake:
-            actions.append(WakeAt(wake))
-        self._wake = wake
+        return wake
+
+    def _serving(self, model: str) -> list[Replica]:
+        """The replicas of ``model`` that take new work: healthy and not draining."""
+        return [r for r in self._by_model.get(model, ()) if r.healthy and not r.draining]
 
     def _kind_of(self, model: str) -> Kind:
         replicas = self._by_model.get(model)
@@ -859,6 +1129,135 @@ class Scheduler:
         # a batch should take no longer than half a TPOT budget, so a decode step waits < 1 budget
         return max(self.batching.hybrid_min_batch_tokens, min(cap, int(rate * tpot * 0.5)))
 
+    # ---- autoscaling (see the module docstring) --------------------------------------
+
+    def _autoscale(self, now: float, actions: list[Action]) -> float | None:
+        """Evaluate every model with a policy that was not evaluated in the last
+        `_SCALE_INTERVAL_S`; the earliest time a decision may fall due (a scale-down timer, the
+        end of a backoff, or the next evaluation of a model skipped now)."""
+        wake: float | None = None
+        for model, policy in self._scaling.items():
+            last = self._evaluated.get(model)
+            if last is not None and now < last + _SCALE_INTERVAL_S:
+                at: float | None = last + _SCALE_INTERVAL_S  # this event may have changed something
+            else:
+                self._evaluated[model] = now
+                at = self._evaluate(model, policy, now, actions)
+                if at is not None:
+                    at = max(at, now + _SCALE_INTERVAL_S)
+            if at is not None and (wake is None or at < wake):
+                wake = at
+        return wake
+
+    def _evaluate(self, model: str, policy: ScalePolicy, now: float, actions: list[Action]) -> float | None:
+        """Apply the rule to ``model`` now; when a decision is due later, that time."""
+        plan = self._plan(model, policy)
+        more = plan.desired - plan.ready - plan.starting
+        if more > 0:
+            self._quiet_since.pop(model, None)
+            retry_at = self._retry_at.get(model, -math.inf)
+            if now < retry_at:
+                return retry_at  # backing off after a failed start
+            actions.append(ScaleUp(model, more, plan.why))
+            self._starting[model] = plan.starting + more
+            self._last_up[model] = now
+            return None
+        serving = plan.serving
+        n = len(serving)
+        quiet = (
+            not plan.waiting
+            and plan.starting == 0
+            and plan.ready > policy.min_replicas
+            and n >= 2
+            and plan.pressure <= policy.down_ratio
+            # the running work fits in one replica fewer at half load
+            and 2 * n * sum(r.busy for r in serving) <= (n - 1) * sum(r.slots for r in serving)
+        )
+        if not quiet:
+            self._quiet_since.pop(model, None)
+            return None
+        since = self._quiet_since.setdefault(model, now)
+        due = max(since, self._last_up.get(model, -math.inf)) + policy.down_delay_s
+        if now < due:
+            return due
+        # the serving replica with the least running work; of equals, the most recently added
+        replica = min(reversed(serving), key=lambda r: (r.busy, len(r.running)))
+        replica.draining = True
+        self._drains[replica.id] = (
+            f"{model!r} could do with one replica fewer for {now - since:.0f} s "
+            f"({plan.ready} ready, min_replicas {policy.min_replicas})"
+        )
+        self._stop_if_idle(replica, actions)
+        self._quiet_since[model] = now  # the next drain needs another full delay
+        if plan.ready - 1 > policy.min_replicas and n - 1 >= 2:
+            return now + policy.down_delay_s
+        return None
+
+    def _stop_if_idle(self, replica: Replica, actions: list[Action]) -> None:
+        """A draining replica with no running work left is stopped (once per drain)."""
+        if not replica.running and not replica.batches and replica.id in self._drains:
+            actions.append(StopReplica(replica.id, self._drains.pop(replica.id)))
+
+    def _plan(self, model: str, policy: ScalePolicy) -> _Plan:
+        """Where ``model`` stands and what the rule wants for it (no backoff, no timers)."""
+        replicas = self._by_model.get(model, ())
+        serving = [r for r in replicas if r.healthy and not r.draining]
+        ready = sum(1 for r in replicas if (r.healthy or r.restarting) and not r.draining)
+        starting = self._starting.get(model, 0)
+        queue = self._queues.get(model)
+        waiting = len(queue) if queue is not None else 0
+        pressure, why = 0.0, ""
+        if queue is not None and waiting and serving:
+            pressure, why = self._pressure(model, policy, serving, queue)
+        desired = have = ready + starting
+        if pressure > policy.up_ratio and have < policy.max_replicas:
+            target = math.ceil(max(ready, 1) * pressure / policy.up_ratio - 1e-9)
+            if starting == 0:
+                target = max(target, ready + 1)
+            desired = max(have, min(policy.max_replicas, target))
+        if desired < policy.min_replicas:
+            desired = policy.min_replicas
+            why = f"below min_replicas {policy.min_replicas} ({ready} ready, {starting} starting)"
+        elif desired > have:
+            why = f"{why}; {ready} ready, {starting} starting, want {desired} (max_replicas {policy.max_replicas})"
+        return _Plan(serving, ready, starting, waiting, pressure, desired, why)
+
+    def _pressure(
+        self, model: str, policy: ScalePolicy, serving: list[Replica], queue: _Queue
+    ) -> tuple[float, str]:
+        """The largest estimated wait over objective among the classes with waiting requests
+        (``2 * up_ratio`` unmeasured when every slot is busy), and the queue signal; with what
+        it is made of, in words."""
+        kind = serving[0].kind
+        waiting = len(queue)
+        pressure, why = 0.0, ""
+        for slo in queue.by_class:
+            cls = self.classes[slo]
+            objective = cls.ttft_ms if kind == "llm" else cls.e2e_ms
+            if objective is None:
+                objective = cls.e2e_ms
+            if objective is None:
+                continue
+            estimate = self._estimated_wait(Request("_", model, kind, slo, 0.0, 0, priority=cls.priority))
+            if estimate is not None:
+                p = estimate * 1000 / objective
+                if p > pressure:
+                    pressure = p
+                    why = (
+                        f"estimated wait {estimate:.1f} s is {p:.0%} of the {slo} objective "
+                        f"{objective / 1000:.1f} s"
+                    )
+            elif all(r.free <= 0 for r in serving) and 2 * policy.up_ratio > pressure:
+                pressure = 2 * policy.up_ratio
+                why = f"{waiting} requests wait, every slot is busy and no speed is measured yet"
+        if policy.queue_per_replica is not None:
+            per_replica = waiting / len(serving)
+            p = per_replica / policy.queue_per_replica * policy.up_ratio
+            if p > pressure:
+                pressure = p
+                why = f"{per_replica:.1f} requests wait per replica (queue_per_replica {policy.queue_per_replica:g})"
+        return pressure, why
+
     # ---- estimates (see the module docstring) ----------------------------------------
 
     def _service_time(self, replica: Replica, tokens: int) -> float:
@@ -868,7 +1267,7 @@ class Scheduler:
     def _estimated_wait(self, req: Request) -> float | None:
         """Seconds ``req`` would wait if queued now (a lower bound); None before any
         measurement. O(replicas + classes), or + distinct priorities under ``priority``."""
-        replicas = [r for r in self._by_model.get(req.model, ()) if r.kind == req.kind and r.healthy]
+        replicas = [r for r in self._serving(req.model) if r.kind == req.kind]
         queue = self._queues.get(req.model)
         if queue is None or not replicas:
             return None

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sage_prefect.controlplane.config import ControlPlaneConfig, ModelConfig
 from sage_prefect.controlplane.engines.base import (
@@ -29,6 +29,9 @@ from sage_prefect.controlplane.engines.base import (
     UpstreamError,
 )
 from sage_prefect.controlplane.metrics import Metrics
+
+if TYPE_CHECKING:
+    from sage_prefect.controlplane.supervisor import ReplicaInfo, Supervisor
 from sage_prefect.controlplane.scheduler import (
     Action,
     Cancel,
@@ -42,9 +45,15 @@ from sage_prefect.controlplane.scheduler import (
     Reject,
     Replica,
     ReplicaDown,
+    ReplicaRemoved,
+    ReplicaStarted,
+    ReplicaStartFailed,
     ReplicaUp,
     Request,
+    ScalePolicy,
+    ScaleUp,
     Scheduler,
+    StopReplica,
     Submit,
     Tick,
     WakeAt,
@@ -92,6 +101,36 @@ def build_engine(model: ModelConfig, index: int) -> EmbeddingEngine | LLMEngine:
     return openai_upstream.OpenAILLMEngine(name=model.name, **params)
 
 
+def upstream_engine(model: ModelConfig, base_url: str, api_key: str | None) -> EmbeddingEngine | LLMEngine:
+    """The engine the gateway routes a placed replica's traffic through: the ``openai``
+    upstream engine, pointed at the replica's server (the project's own engine server serves
+    the model under its configured name; a ``command`` server under ``params.model``)."""
+    from sage_prefect.controlplane.engines import openai_upstream
+
+    served = str(model.params.get("model", model.name)) if model.engine == "command" else model.name
+    common: dict[str, Any] = {"model": served, "api_key": api_key or "EMPTY", "name": model.name}
+    if model.kind == "embedding":
+        return openai_upstream.OpenAIEmbeddingEngine(
+            base_url,
+            dimensions=int(model.params.get("dimensions", 0)),
+            max_input_tokens=int(model.params.get("max_input_tokens", 8192)),
+            **common,
+        )
+    return openai_upstream.OpenAILLMEngine(base_url, slots=placed_slots(model), **common)
+
+
+def placed_slots(model: ModelConfig) -> int:
+    """Requests the gateway keeps in flight on one placed replica: ``slots``, else what the
+    engine batches (the local engine's ``max_batch_size``, 16 by default; 64 for a server)."""
+    if model.kind == "embedding":
+        return 1  # one coalesced batch at a time, as in-process replicas
+    if model.slots:
+        return model.slots
+    if model.engine == "transformers":
+        return int(model.params.get("max_batch_size", 16))
+    return 64
+
+
 @dataclass
 class _Waiter:
     request: Request
@@ -122,6 +161,9 @@ class ControlPlane:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.supervisor: Supervisor | None = None
+        self._fronts: dict[str, EmbeddingEngine | LLMEngine] = {}  # placed models, before any replica
+        self._start_failures: dict[str, str] = {}
         self.started = False
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -129,7 +171,9 @@ class ControlPlane:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         for model in self.config.models:
-            for index in range(model.replicas):
+            if model.placed:
+                continue
+            for index in range(model.replicas.min):
                 replica_id = f"{model.name}#{index}"
                 engine = await asyncio.to_thread(self._factory, model, index)
                 self.engines[replica_id] = engine
@@ -141,13 +185,98 @@ class ControlPlane:
                 )
                 logger.info("replica %s ready (%s, %s)", replica_id, model.engine, model.device)
         self.metrics.watch(self.scheduler)
+        placed = [m for m in self.config.models if m.placed]
+        if placed:
+            await self._start_placed(placed)
         self._monitor = asyncio.create_task(self._watch_replicas())
         self.started = True
+
+    async def _start_placed(self, models: list[ModelConfig]) -> None:
+        """Connect to the cluster, start each placed model's ``replicas.min`` replicas (the
+        scheduler asks for them: `ScaleUp`) and wait until they serve."""
+        from sage_prefect.controlplane.supervisor import Supervisor
+
+        self.supervisor = Supervisor(self.config, self)
+        await self.supervisor.start(models)
+        self.metrics.watch_placements(self.supervisor, self.scheduler)
+        loop = self._running_loop()
+        for model in models:
+            self._fronts[model.name] = upstream_engine(model, "http://replica.invalid/v1", None)
+            r = model.replicas
+            self.scheduler.set_scaling(
+                model.name,
+                ScalePolicy(
+                    min_replicas=r.min,
+                    max_replicas=r.max,
+                    up_ratio=r.up_ratio,
+                    down_ratio=r.down_ratio,
+                    down_delay_s=r.down_delay_s,
+                    queue_per_replica=r.queue_per_replica,
+                    retry_s=r.retry_s,
+                ),
+            )
+        self._feed(Tick(loop.time()))  # below min_replicas: the scheduler asks for them
+        timeout = max(m.ready_timeout_s for m in models) * 1.5 + 30
+        deadline = loop.time() + timeout
+        while True:
+            missing = {
+                m.name: m.replicas.min - sum(1 for r in self.scheduler.replicas.values() if r.model == m.name)
+                for m in models
+            }
+            if all(n <= 0 for n in missing.values()):
+                return
+            failed = {name: why for name, why in self._start_failures.items() if missing.get(name, 0) > 0}
+            if failed:
+                name, why = next(iter(failed.items()))
+                raise RuntimeError(f"model {name!r}: a replica failed to start {3} times; last: {why}")
+            if loop.time() > deadline:
+                waiting = ", ".join(f"{k} ({v} more)" for k, v in missing.items() if v > 0)
+                raise TimeoutError(
+                    f"placed replicas did not all serve within {timeout:.0f} s: {waiting}; "
+                    f"states: {self.supervisor.snapshot()}"
+                )
+            await asyncio.sleep(0.2)
+
+    # ---- what the supervisor reports (supervisor.ReplicaListener) --------------------
+
+    def replica_ready(self, info: ReplicaInfo) -> None:
+        assert info.url is not None
+        loop = self._running_loop()
+        engine = upstream_engine(info.model, f"{info.url}/v1", info.api_key)
+        old = self.engines.get(info.id)
+        self.engines[info.id] = engine
+        if old is not None:
+            self._spawn(_close_engine(old))
+        if info.id in self.scheduler.replicas:
+            self._feed(ReplicaUp(info.id, loop.time()))
+            return
+        model = info.model
+        replica = Replica(info.id, model.name, model.kind, slots=placed_slots(model), supervised=True)
+        self._feed(ReplicaStarted(replica, loop.time()))
+        self.metrics.watch_replica(replica)
+
+    def replica_down(self, info: ReplicaInfo, reason: str) -> None:
+        if info.id in self.scheduler.replicas:
+            self.metrics.replica_failed(info.id)
+            self._feed(ReplicaDown(info.id, self._running_loop().time(), reason, restarting=True))
+
+    def replica_start_failed(self, info: ReplicaInfo, reason: str) -> None:
+        self._start_failures[info.model.name] = reason
+        self.metrics.scale_events.labels(info.model.name, "start_failed").inc()
+        self._feed(ReplicaStartFailed(info.model.name, self._running_loop().time(), reason))
+
+    def replica_removed(self, info: ReplicaInfo) -> None:
+        engine = self.engines.pop(info.id, None)
+        if engine is not None:
+            self._spawn(_close_engine(engine))
+        self._feed(ReplicaRemoved(info.id, self._running_loop().time()))
 
     async def stop(self) -> None:
         if self._monitor is not None:
             self._monitor.cancel()
-        for engine in self.engines.values():
+        if self.supervisor is not None:
+            await self.supervisor.close()
+        for engine in [*self.engines.values(), *self._fronts.values()]:
             try:
                 if isinstance(engine, LLMEngine):
                     await engine.aclose()
@@ -174,7 +303,9 @@ class ControlPlane:
     def _engine(self, model: str, kind: str) -> EmbeddingEngine | LLMEngine:
         """An engine of ``model`` (its first replica), for token counting and prompt rendering."""
         self.model(model, kind)
-        replica = next(r.id for r in self.scheduler.replicas.values() if r.model == model)
+        replica = next((r.id for r in self.scheduler.replicas.values() if r.model == model), None)
+        if replica is None or replica not in self.engines:
+            return self._fronts[model]  # a placed model whose replicas are all starting
         return self.engines[replica]
 
     def embedding_engine(self, model: str) -> EmbeddingEngine:
@@ -362,6 +493,22 @@ class ControlPlane:
             self._fail(action.request, ServiceError(action.status, action.message))
         elif isinstance(action, WakeAt):
             loop.call_at(action.time, lambda: self._feed(Tick(loop.time())))
+        elif isinstance(action, ScaleUp):
+            logger.info("scaling %s up by %d: %s", action.model, action.count, action.reason)
+            self.metrics.scale_events.labels(action.model, "up").inc(action.count)
+            if self.supervisor is not None:
+                for _ in range(action.count):
+                    self.supervisor.add(self.models[action.model])
+        elif isinstance(action, StopReplica):
+            logger.info("stopping replica %s: %s", action.replica, action.reason)
+            model = (
+                self.scheduler.replicas[action.replica].model
+                if action.replica in self.scheduler.replicas
+                else ""
+            )
+            self.metrics.scale_events.labels(model, "down").inc()
+            if self.supervisor is not None:
+                self._spawn(self.supervisor.stop(action.replica))
 
     def _fail(self, rid: str, error: ServiceError) -> None:
         waiter = self._waiters.get(rid)
@@ -390,8 +537,10 @@ class ControlPlane:
             if len(vectors) != len(texts):
                 raise EngineError(f"{action.replica} returned {len(vectors)} vectors for {len(texts)} texts")
         except UpstreamError as exc:
-            for w in live:
-                w.future.set_exception(ServiceError(exc.status, str(exc)))
+            if len(live) > 1:  # one client's input was refused: answer each request on its own
+                await asyncio.to_thread(_embed_each, engine, live)
+            else:
+                live[0].future.set_exception(ServiceError(exc.status, str(exc)))
             self._feed(Done(action.replica, action.requests, loop.time()))
             return
         except Exception as exc:
@@ -423,8 +572,10 @@ class ControlPlane:
         while True:
             await asyncio.sleep(interval)
             loop = self._running_loop()
-            for replica_id, engine in self.engines.items():
-                state = self.scheduler.replicas[replica_id]
+            for replica_id, engine in list(self.engines.items()):
+                state = self.scheduler.replicas.get(replica_id)
+                if state is None or self.engines.get(replica_id) is not engine:
+                    continue  # removed or replaced meanwhile
                 probe = getattr(engine, "probe", None)
                 if probe is None:
                     if state.healthy:
@@ -441,3 +592,40 @@ class ControlPlane:
                     self._feed(ReplicaUp(replica_id, loop.time()))
                 if depth is not None:
                     self._feed(Load(replica_id, int(depth), loop.time()))
+
+
+async def _close_engine(engine: EmbeddingEngine | LLMEngine) -> None:
+    try:
+        if isinstance(engine, LLMEngine):
+            await engine.aclose()
+        else:
+            await asyncio.to_thread(engine.close)
+    except Exception:  # pragma: no cover - closing a connection to a replica that is gone
+        logger.debug("engine close failed", exc_info=True)
+
+
+def _embed_each(engine: EmbeddingEngine, waiters: list[_Waiter]) -> None:
+    """A coalesced batch the engine refused as the client's fault (an upstream's 4xx): each
+    request is sent alone, so only the one at fault gets the error (called in a thread)."""
+    loop = waiters[0].future.get_loop()
+    for waiter in waiters:
+        texts = waiter.texts or []
+        try:
+            vectors = engine.embed(texts)
+            if len(vectors) != len(texts):
+                raise EngineError(f"{len(vectors)} vectors for {len(texts)} texts")
+            result: Any = vectors
+        except UpstreamError as exc:
+            result = ServiceError(exc.status, str(exc))
+        except Exception as exc:
+            result = ServiceError(502, f"embedding failed: {exc}")
+        loop.call_soon_threadsafe(_settle, waiter.future, result)
+
+
+def _settle(future: asyncio.Future[Any], result: Any) -> None:
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)

@@ -93,7 +93,11 @@ class _Upstream:
             models.raise_for_status()
             return None
         response.raise_for_status()
-        return parse_vllm_waiting(response.text)
+        waiting = parse_vllm_waiting(response.text)
+        if waiting is None:  # this project's own engine server (a placed replica)
+            queued = sample_sum(response.text, "sage_queue_depth")
+            waiting = None if queued is None else int(queued)
+        return waiting
 
 
 class OpenAILLMEngine(_Upstream, LLMEngine):
