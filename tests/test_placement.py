@@ -332,3 +332,50 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after_the_cooldown
             model=EMBED, input=["still served"]
         )
         assert len(out.data[0].embedding) == 384
+
+
+def _pending_and_target(dask_scheduler: Any) -> tuple[list[str], int, int]:
+    unrunnable = [str(ts.key) for ts in dask_scheduler.unrunnable]
+    return unrunnable, dask_scheduler.adaptive_target(), len(dask_scheduler.workers)
+
+
+def test_a_replica_no_free_worker_can_take_waits_as_work_an_adaptive_cluster_sees() -> None:
+    """One fake-GPU worker, held by the first replica: a second replica (what a scale-up asks
+    for) cannot be placed. It must wait in Dask as an unrunnable task, not fail or hang the
+    gateway, and the scheduler's `adaptive_target` (what ``cluster.adapt``, dask-jobqueue and
+    dask-kubernetes scale on) must ask for more workers than there are."""
+    config = ControlPlaneConfig(
+        cluster={"address": "local", "n_gpu_workers": 1, "n_cpu_workers": 0},
+        models=[
+            {
+                "name": EMBED,
+                "kind": "embedding",
+                "engine": "sentence-transformers",
+                "resources": {"GPU": 1},
+                "replicas": {"min": 1, "max": 2},
+                "env": {"OMP_NUM_THREADS": "1"},
+            }
+        ],
+    )
+
+    async def scenario() -> tuple[list[str], int, int, dict[str, Any]]:
+        plane = ControlPlane(config)
+        await plane.start()
+        try:
+            assert plane.supervisor is not None
+            second = plane.supervisor.add(plane.models[EMBED])
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                unrunnable, target, workers = await plane.supervisor.client.run_on_scheduler(
+                    _pending_and_target
+                )
+                if unrunnable:
+                    break
+            return unrunnable, target, workers, plane.supervisor.snapshot()[second.id]
+        finally:
+            await plane.stop()
+
+    unrunnable, target, workers, info = asyncio.run(scenario())
+    assert len(unrunnable) == 1 and unrunnable[0].endswith(f"{EMBED}#1"), unrunnable
+    assert info["state"] == "pending" and info["worker"] is None
+    assert target > workers == 1, f"adaptive_target {target} with {workers} worker(s)"
