@@ -181,11 +181,11 @@ def scale_up(texts: list[str], args: argparse.Namespace) -> dict[str, Any]:
             deadline = load.t0 + 120
             while time.monotonic() < deadline:
                 now = time.monotonic()
-                text = httpx.get(f"{bg.url}/metrics", timeout=10).text
+                text = (await asyncio.to_thread(httpx.get, f"{bg.url}/metrics", timeout=10)).text
                 ups = sample_sum(text, "sage_scale_events_total", direction="up") or 0
                 if ups >= 2 and "asked" not in marks:
                     marks["asked"] = now - load.t0
-                ready = len(serving(bg))
+                ready = len(await asyncio.to_thread(serving, bg))
                 counts.append((now - load.t0, ready))
                 if ready >= 2 and "serving" not in marks:
                     marks["serving"] = now - load.t0
@@ -229,8 +229,8 @@ def worker_kill(texts: list[str], args: argparse.Namespace) -> dict[str, Any]:
             marks["killed"] = killed - load.t0
             while time.monotonic() - killed < 120:
                 now = time.monotonic()
-                info = health(bg)["placed"][victim_id]
-                counts.append((now - load.t0, len(serving(bg))))
+                info = (await asyncio.to_thread(health, bg))["placed"][victim_id]
+                counts.append((now - load.t0, len(await asyncio.to_thread(serving, bg))))
                 if "back" not in marks and info["state"] == "ready" and info["worker"] != victim["worker"]:
                     marks["back"] = now - killed
                     marks["back_on"] = info["worker_name"]
@@ -280,7 +280,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
         twin.set_ylim(0, 3)
         twin.set_ylabel("replicas serving")
         if key == "scale_up":
-            for mark, style in (("seconds_to_scale_decision", ":"), ("seconds_to_second_replica_serving", "--")):
+            for mark, style in (
+                ("seconds_to_scale_decision", ":"),
+                ("seconds_to_second_replica_serving", "--"),
+            ):
                 if data[mark] == data[mark]:
                     ax.axvline(data[mark], color="gray", linestyle=style, label=mark.replace("_", " "))
         else:
@@ -293,7 +296,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=25)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=16)

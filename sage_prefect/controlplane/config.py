@@ -39,9 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sage_prefect.common.yamlfile import read_yaml
 from sage_prefect.controlplane.scheduler import POLICIES, BatchLimits, SLOClass, is_cpu
 
-ENGINES = ("sentence-transformers", "transformers", "openai", "command")
-#: engines the project runs itself (in the gateway, or as an engine server on a Dask worker)
-OWN_ENGINES = ("sentence-transformers", "transformers")
+ENGINES = ("sentence-transformers", "transformers", "vllm", "openai", "command")
 DEFAULT_LLM = "smollm2-135m-instruct"
 
 
@@ -77,7 +75,8 @@ class ReplicasConfig(_Strict):
 class ModelConfig(_Strict):
     name: str = Field(min_length=1)
     kind: Literal["llm", "embedding"]
-    engine: Literal["sentence-transformers", "transformers", "openai", "command"]
+    # vllm: vLLM in this process (GPU hosts, the `vllm` extra; untested here: docs/vllm.md)
+    engine: Literal["sentence-transformers", "transformers", "vllm", "openai", "command"]
     replicas: ReplicasConfig = Field(default_factory=ReplicasConfig)  # or a number: min = max
     device: str | None = "cpu"  # replicas of different models on one device share it (hybrid policy)
     slots: int | None = Field(None, ge=1)  # LLM: sequences in flight per replica (default: the engine's)
@@ -114,6 +113,10 @@ class ModelConfig(_Strict):
             )
         if self.kind == "llm" and self.engine == "sentence-transformers":
             raise ValueError("engine 'sentence-transformers' serves kind 'embedding'")
+        if self.kind == "embedding" and self.engine == "vllm":
+            raise ValueError(
+                "engine 'vllm' serves kind 'llm' here; for embeddings run a server (engine 'command')"
+            )
         if self.engine == "command":
             if not self.command:
                 raise ValueError(

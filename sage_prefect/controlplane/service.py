@@ -91,6 +91,13 @@ def build_engine(model: ModelConfig, index: int) -> EmbeddingEngine | LLMEngine:
 
         params.setdefault("model", model.name)
         return TransformersLLMEngine(device=model.device or "cpu", name=model.name, **params)
+    if model.engine == "vllm":  # untested here (no GPU): engines/vllm_engine.py, docs/vllm.md
+        from sage_prefect.controlplane.engines.vllm_engine import VLLMEngine
+
+        params.setdefault("model", model.name)
+        if model.slots is not None:
+            params.setdefault("slots", model.slots)
+        return VLLMEngine(name=model.name, **params)
     from sage_prefect.controlplane.engines import openai_upstream
 
     urls = params.pop("base_urls", None)
@@ -128,7 +135,7 @@ def placed_slots(model: ModelConfig) -> int:
         return model.slots
     if model.engine == "transformers":
         return int(model.params.get("max_batch_size", 16))
-    return 64
+    return int(model.params.get("slots", 64))  # vllm, command: the server batches
 
 
 @dataclass
