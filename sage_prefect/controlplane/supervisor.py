@@ -361,20 +361,35 @@ class Supervisor:
         while not info.stopping:
             info.key = f"sage-replica-{uuid.uuid4().hex[:12]}-{info.id}"
             info.state = "pending" if not info.served else "restarting"
-            workers = await self._candidates(model)
             info.run_served = False
-            info.future = self.client.submit(
-                run_replica,
-                spec,
-                key=info.key,
-                resources=dict(model.resources or {}),
-                workers=workers or None,
-                allow_other_workers=bool(workers),
-                pure=False,
-            )
-            error = await _outcome(info.future)
+            try:
+                workers = await self._candidates(model)
+                info.future = self.client.submit(
+                    run_replica,
+                    spec,
+                    key=info.key,
+                    resources=dict(model.resources or {}),
+                    workers=workers or None,
+                    allow_other_workers=bool(workers),
+                    pure=False,
+                )
+                error = await self._run(info, model)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the scheduler went away meanwhile: try again after a backoff
+                error = exc
             if info.stopping:
                 break
+            if error is None and info.state == "pending":  # never placed: given up (see `_run`)
+                reason = (
+                    f"no worker with {_labels(model)} free took it within ready_timeout_s "
+                    f"({model.ready_timeout_s:g} s)"
+                )
+                info.state = "failed"
+                info.last_error = reason
+                self.replicas.pop(info.id, None)
+                self.listener.replica_start_failed(info, reason)
+                return
             reason = _short(error) if error is not None else "the replica's task returned"
             logger.warning("replica %s failed (%s); starting it again", info.id, reason)
             self._mark_down(info, reason)
@@ -386,6 +401,21 @@ class Supervisor:
                 return
             backoff = min(MAX_BACKOFF_S, self.cluster_config.restart_backoff_s * 2 ** max(0, failures - 1))
             await asyncio.sleep(backoff)
+
+    async def _run(self, info: ReplicaInfo, model: ModelConfig) -> BaseException | None:
+        """Wait for the replica's task to end. A first start that Dask has not begun within
+        ``ready_timeout_s`` (no worker had the labels free: it is unrunnable, or waits on a busy
+        worker) is cancelled and returns None with the state still ``pending``; a restart keeps
+        waiting (the replica was serving: its labels will come back)."""
+        waiter = asyncio.ensure_future(_outcome(info.future))
+        try:
+            done, _ = await asyncio.wait({waiter}, timeout=model.ready_timeout_s)
+            if not done and info.state == "pending" and not info.served:
+                await self.client.cancel([info.future])
+                return None
+            return await waiter
+        finally:
+            waiter.cancel()
 
     def _mark_down(self, info: ReplicaInfo, reason: str) -> None:
         """A serving replica stopped serving: the control plane stops routing to it."""
@@ -438,6 +468,10 @@ class Supervisor:
         for info in list(self.replicas.values()):
             if info.key in lost and not info.stopping:
                 self._mark_down(info, f"worker {msg.get('worker')} lost")
+
+
+def _labels(model: ModelConfig) -> str:
+    return "{" + ", ".join(f"{k}={v:g}" for k, v in (model.resources or {}).items()) + "}"
 
 
 async def _outcome(future: Any) -> BaseException | None:
