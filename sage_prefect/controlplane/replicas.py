@@ -221,6 +221,9 @@ def run_replica(spec: ReplicaSpec) -> str:
     finally:
         _stop(process)
         _advertise_held(worker, held, +1)
+        if spec.config is not None:
+            with contextlib.suppress(OSError):
+                Path(fill["config"]).unlink()  # the log stays
     publish("stopped")
     return "stopped"
 
