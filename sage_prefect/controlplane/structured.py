@@ -55,6 +55,26 @@ class InvalidRequest(ValueError):
 # ---------------------------------------------------------------------------------- request checks
 
 
+def check_context_length(n: int, max_tokens: int, context: int, model: str) -> None:
+    """A prompt of ``n`` tokens plus ``max_tokens`` must fit the model's ``context`` (a 400
+    ``context_length_exceeded`` naming ``messages`` or ``max_tokens`` otherwise)."""
+    if n >= context:
+        raise InvalidRequest(
+            f"the prompt is {n} tokens, which leaves no room in the model's context of {context} tokens "
+            f"(model {model!r}); shorten the prompt",
+            "messages",
+            code="context_length_exceeded",
+        )
+    if n + max_tokens > context:
+        raise InvalidRequest(
+            f"the prompt ({n} tokens) plus max_tokens ({max_tokens}) is {n + max_tokens} "
+            f"tokens, more than the model's context of {context} tokens (model {model!r}); "
+            f"set max_tokens to at most {context - n} or shorten the prompt",
+            "max_tokens",
+            code="context_length_exceeded",
+        )
+
+
 def _check_schema(schema: Any, param: str) -> None:
     import jsonschema
 

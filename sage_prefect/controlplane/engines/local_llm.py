@@ -77,6 +77,7 @@ from sage_prefect.controlplane.structured import (
     InvalidRequest,
     TokenConstraint,
     ToolCallReader,
+    check_context_length,
     messages_for_template,
     output_grammar,
 )
@@ -428,22 +429,8 @@ class TransformersLLMEngine(LLMEngine):
         return ids
 
     def _check_length(self, n: int, max_tokens: int) -> None:
-        ctx = self.max_context_tokens
-        if n >= ctx:
-            raise InvalidRequest(
-                f"the prompt is {n} tokens, which leaves no room in the model's context of {ctx} tokens "
-                f"(model {self.name!r}); shorten the prompt",
-                "messages",
-                code="context_length_exceeded",
-            )
-        if n + max_tokens > ctx:
-            raise InvalidRequest(
-                f"the prompt ({n} tokens) plus max_tokens ({max_tokens}) is {n + max_tokens} "
-                f"tokens, more than the model's context of {ctx} tokens (model {self.name!r}); "
-                f"set max_tokens to at most {ctx - n} or shorten the prompt",
-                "max_tokens",
-                code="context_length_exceeded",
-            )
+        assert self.max_context_tokens is not None
+        check_context_length(n, max_tokens, self.max_context_tokens, self.name)
 
     def _fewest_tokens(self, text: str) -> int:
         """A lower bound on ``text``'s token count without tokenising it: a byte-level BPE

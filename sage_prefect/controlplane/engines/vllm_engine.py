@@ -60,7 +60,7 @@ from sage_prefect.controlplane.engines.base import (
     RequestFailed,
     TokenEvent,
 )
-from sage_prefect.controlplane.structured import InvalidRequest, messages_for_template
+from sage_prefect.controlplane.structured import InvalidRequest, check_context_length, messages_for_template
 
 logger = logging.getLogger(__name__)
 
@@ -265,22 +265,8 @@ class VLLMEngine(LLMEngine):
             raise InvalidRequest(TOOLS_REFUSED, "tools")
 
     def _check_length(self, n: int, max_tokens: int) -> None:
-        ctx = self.max_context_tokens
-        if n >= ctx:
-            raise InvalidRequest(
-                f"the prompt is {n} tokens, which leaves no room in the model's context of {ctx} tokens "
-                f"(model {self.name!r}); shorten the prompt",
-                "messages",
-                code="context_length_exceeded",
-            )
-        if n + max_tokens > ctx:
-            raise InvalidRequest(
-                f"the prompt ({n} tokens) plus max_tokens ({max_tokens}) is {n + max_tokens} tokens, more "
-                f"than the model's context of {ctx} tokens (model {self.name!r}); set max_tokens to at "
-                f"most {ctx - n} or shorten the prompt",
-                "max_tokens",
-                code="context_length_exceeded",
-            )
+        assert self.max_context_tokens is not None
+        check_context_length(n, max_tokens, self.max_context_tokens, self.name)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         """Stream one completion from vLLM (see the module docstring for the mapping)."""
