@@ -379,3 +379,73 @@ def test_a_replica_no_free_worker_can_take_waits_as_work_an_adaptive_cluster_see
     assert len(unrunnable) == 1 and unrunnable[0].endswith(f"{EMBED}#1"), unrunnable
     assert info["state"] == "pending" and info["worker"] is None
     assert target > workers == 1, f"adaptive_target {target} with {workers} worker(s)"
+
+
+def test_streams_on_a_killed_replica_end_with_a_clear_error_and_others_finish(
+    tmp_path: Path, real_model: Path
+) -> None:
+    """Two replicas of the real SmolLM2-135M-Instruct (a stream takes seconds on a CPU); the
+    worker of one is SIGKILLed while four streams run. A stream that has sent tokens cannot be
+    replayed: it must end with an error naming the failure, never hang or end as if complete;
+    the other streams finish, and a non-streamed request sent after the kill is answered."""
+    config = {
+        "cluster": {"address": "local", "n_gpu_workers": 2, "n_cpu_workers": 0},
+        "models": [
+            {
+                "name": "smollm2",
+                "kind": "llm",
+                "engine": "transformers",
+                "resources": {"GPU": 1},
+                "replicas": 2,
+                "params": {"model": str(real_model), "threads": 1},
+            }
+        ],
+    }
+    with start_background(_write(tmp_path, config), log=tmp_path / "gateway.log", startup_timeout=300) as bg:
+        health = _health(bg)
+        victim = health["placed"]["smollm2#0"]
+        pid = _worker_pids(health["cluster"])[victim["worker"]][0]
+        client = OpenAI(base_url=bg.base_url, api_key="unused", max_retries=0, timeout=120)
+        first = threading.Barrier(5)
+        outcomes: list[str] = []
+
+        def stream(i: int) -> None:
+            got_first = False
+            try:
+                chunks = client.chat.completions.create(
+                    model="smollm2",
+                    messages=[
+                        {"role": "user", "content": f"Count from 1 to 200, one number per line ({i})."}
+                    ],
+                    max_tokens=160,
+                    temperature=0.0,
+                    stream=True,
+                )
+                finish = None
+                for chunk in chunks:
+                    if not got_first and chunk.choices and chunk.choices[0].delta.content:
+                        got_first = True
+                        first.wait(60)
+                    if chunk.choices and chunk.choices[0].finish_reason:
+                        finish = chunk.choices[0].finish_reason
+                outcomes.append(f"finished:{finish}")
+            except Exception as exc:
+                outcomes.append(f"error:{type(exc).__name__}:{exc}")
+            finally:
+                if not got_first:
+                    first.abort()
+
+        with ThreadPoolExecutor(4) as pool:
+            for i in range(4):
+                pool.submit(stream, i)
+            first.wait(120)  # every stream has tokens: none can be replayed any more
+            os.kill(pid, signal.SIGKILL)
+            answer = client.chat.completions.create(
+                model="smollm2", messages=[{"role": "user", "content": "Say hi."}], max_tokens=8
+            )
+        assert answer.choices[0].message.content is not None
+        assert len(outcomes) == 4, outcomes
+        errors = [o for o in outcomes if o.startswith("error:")]
+        assert errors, f"no stream was on the killed replica: {outcomes}"
+        assert all("smollm2#0" in e and "mid-stream" in e for e in errors), errors
+        assert all(o in ("finished:length", "finished:stop") for o in outcomes if o not in errors), outcomes
