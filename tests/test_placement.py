@@ -31,6 +31,7 @@ from sage_prefect.controlplane.config import ControlPlaneConfig
 from sage_prefect.controlplane.metrics import sample_sum
 from sage_prefect.controlplane.server import Background, start_background
 from sage_prefect.controlplane.service import ControlPlane
+from sage_prefect.controlplane.supervisor import unsatisfiable
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -449,3 +450,25 @@ def test_streams_on_a_killed_replica_end_with_a_clear_error_and_others_finish(
         assert errors, f"no stream was on the killed replica: {outcomes}"
         assert all("smollm2#0" in e and "mid-stream" in e for e in errors), errors
         assert all(o in ("finished:length", "finished:stop") for o in outcomes if o not in errors), outcomes
+
+
+def test_what_no_worker_can_host_is_named_exactly() -> None:
+    """The fail-fast message tells a missing label, labels that never meet on one worker, and
+    too little memory apart (the scheduler's identity entries, as the supervisor reads them)."""
+    workers = {
+        "tcp://a": {"name": "gpu-0", "resources": {"GPU": 1.0}, "memory_limit": 8e9},
+        "tcp://b": {"name": "fast-0", "resources": {"NVME": 1.0}, "memory_limit": 0},
+    }
+
+    def model(**kw: Any) -> Any:
+        from sage_prefect.controlplane.config import ModelConfig
+
+        return ModelConfig(name="m", kind="embedding", engine="sentence-transformers", **kw)
+
+    assert unsatisfiable(model(resources={"GPU": 1}, memory_gb=4), workers) is None
+    assert "no worker carries TPU>=1" in str(unsatisfiable(model(resources={"TPU": 1}), workers))
+    together = str(unsatisfiable(model(resources={"GPU": 1, "NVME": 1}), workers))
+    assert "no single worker carries all of them together" in together
+    memory = str(unsatisfiable(model(resources={"GPU": 1}, memory_gb=16), workers))
+    assert "no worker with those labels has 16 GB of memory" in memory
+    assert "workers: fast-0 (NVME=1; no memory limit); gpu-0 (GPU=1; memory 8.0 GB)" in memory

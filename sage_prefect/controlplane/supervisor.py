@@ -153,8 +153,9 @@ def _describe_workers(workers: Mapping[str, Mapping[str, Any]]) -> str:
     parts = []
     for info in sorted(workers.values(), key=lambda w: str(w.get("name"))):
         labels = ", ".join(f"{k}={v:g}" for k, v in sorted((info.get("resources") or {}).items()))
-        memory = info.get("memory_limit") or 0
-        parts.append(f"{info.get('name')} ({labels or 'no labels'}; memory {memory / 1e9:.1f} GB)")
+        limit = info.get("memory_limit") or 0
+        memory = f"memory {limit / 1e9:.1f} GB" if limit else "no memory limit"
+        parts.append(f"{info.get('name')} ({labels or 'no labels'}; {memory})")
     return "workers: " + "; ".join(parts)
 
 
@@ -178,14 +179,11 @@ def unsatisfiable(model: ModelConfig, workers: Mapping[str, Mapping[str, Any]]) 
         for k, v in wanted.items()
         if not any(float((i.get("resources") or {}).get(k, 0.0)) >= v for i in workers.values())
     ]
+    labelled = [i for i in workers.values() if fits(model.model_copy(update={"memory_gb": None}), i)]
     if missing:
         problem = "no worker carries " + ", ".join(f"{k}>={wanted[k]:g}" for k in missing)
-    elif model.memory_gb and not any(
-        fits(model.model_copy(update={"memory_gb": None}), i)
-        and not (i.get("memory_limit") and i["memory_limit"] < model.memory_gb * 1e9)
-        for i in workers.values()
-    ):
-        problem = f"no worker with those labels has {model.memory_gb:g} GB of memory"
+    elif labelled:  # the labels are there together: the memory is not
+        problem = f"no worker with those labels has {model.memory_gb:g} GB of memory (memory_gb)"
     else:
         problem = "no single worker carries all of them together"
     return f"model {model.name!r} asks for resources {{{asked}}}, but {problem}; {_describe_workers(workers)}"
@@ -317,7 +315,10 @@ class Supervisor:
         info.stopping = True
         info.state = "stopping"
         if info.future is not None:
-            await self.client.cancel([info.future])
+            try:
+                await self.client.cancel([info.future])
+            except Exception:  # the scheduler is gone: the task is released with it
+                logger.warning("cancelling replica %s's task failed", replica, exc_info=True)
         if info.task is not None:
             info.task.cancel()
         self.replicas.pop(replica, None)
