@@ -472,3 +472,24 @@ def test_what_no_worker_can_host_is_named_exactly() -> None:
     memory = str(unsatisfiable(model(resources={"GPU": 1}, memory_gb=16), workers))
     assert "no worker with those labels has 16 GB of memory" in memory
     assert "workers: fast-0 (NVME=1; no memory limit); gpu-0 (GPU=1; memory 8.0 GB)" in memory
+
+
+def test_a_replica_that_never_starts_fails_the_gateway_start_with_its_log() -> None:
+    """A server that exits at once is started three times (with backoff), then the gateway's
+    start fails naming the model, the exit status and the tail of the server's own log."""
+    config = ControlPlaneConfig(
+        cluster={"address": "local", "n_gpu_workers": 0, "n_cpu_workers": 1, "restart_backoff_s": 0.2},
+        models=[
+            {
+                "name": "broken",
+                "kind": "llm",
+                "engine": "command",
+                "resources": {"CPU": 1},
+                "command": ["{python}", "-c", "import sys; print('no weights here'); sys.exit(3)", "{port}"],
+            }
+        ],
+    )
+    plane = ControlPlane(config)
+    with pytest.raises(RuntimeError, match="model 'broken': a replica could not be started") as err:
+        asyncio.run(plane.start())
+    assert "exited with status 3" in str(err.value) and "no weights here" in str(err.value)

@@ -29,9 +29,6 @@ from sage_prefect.controlplane.engines.base import (
     UpstreamError,
 )
 from sage_prefect.controlplane.metrics import Metrics
-
-if TYPE_CHECKING:
-    from sage_prefect.controlplane.supervisor import ReplicaInfo, Supervisor
 from sage_prefect.controlplane.scheduler import (
     Action,
     Cancel,
@@ -58,6 +55,9 @@ from sage_prefect.controlplane.scheduler import (
     Tick,
     WakeAt,
 )
+
+if TYPE_CHECKING:
+    from sage_prefect.controlplane.supervisor import ReplicaInfo, Supervisor
 
 logger = logging.getLogger("sage_prefect.controlplane")
 
@@ -223,6 +223,15 @@ class ControlPlane:
                 ),
             )
         self._feed(Tick(loop.time()))  # below min_replicas: the scheduler asks for them
+        try:
+            await self._await_min_replicas(models)
+        except BaseException:
+            await self.supervisor.close()
+            raise
+
+    async def _await_min_replicas(self, models: list[ModelConfig]) -> None:
+        assert self.supervisor is not None
+        loop = self._running_loop()
         timeout = max(m.ready_timeout_s for m in models) * 1.5 + 30
         deadline = loop.time() + timeout
         while True:
@@ -235,7 +244,7 @@ class ControlPlane:
             failed = {name: why for name, why in self._start_failures.items() if missing.get(name, 0) > 0}
             if failed:
                 name, why = next(iter(failed.items()))
-                raise RuntimeError(f"model {name!r}: a replica failed to start {3} times; last: {why}")
+                raise RuntimeError(f"model {name!r}: a replica could not be started: {why}")
             if loop.time() > deadline:
                 waiting = ", ".join(f"{k} ({v} more)" for k, v in missing.items() if v > 0)
                 raise TimeoutError(
