@@ -325,8 +325,21 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after_the_cooldown
         metrics = httpx.get(f"{bg.url}/metrics").text
         # one replica asked for at start (min_replicas), one under load (max_replicas)
         assert sample_sum(metrics, "sage_scale_events_total", model=EMBED, direction="up") == 2
+        urls = {rid: p["url"] for rid, p in placed.items()}
         # quiet now: after the cooldown one replica is drained and stopped, never below min
         _wait(lambda: len(_health(bg)["placed"]) == 1, 60, "scale-down to one replica")
+        (gone,) = set(urls) - set(_health(bg)["placed"])
+        port = int(urls[gone].rsplit(":", 1)[1])
+        _wait(
+            lambda: (
+                not any(
+                    c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                    for c in psutil.net_connections("tcp")
+                )
+            ),
+            30,
+            f"the drained replica {gone}'s server to stop",
+        )
         time.sleep(6)
         assert len(_health(bg)["placed"]) == 1
         out = OpenAI(base_url=bg.base_url, api_key="unused", max_retries=0).embeddings.create(
@@ -493,3 +506,27 @@ def test_a_replica_that_never_starts_fails_the_gateway_start_with_its_log() -> N
     with pytest.raises(RuntimeError, match="model 'broken': a replica could not be started") as err:
         asyncio.run(plane.start())
     assert "exited with status 3" in str(err.value) and "no weights here" in str(err.value)
+
+
+def test_command_placeholders_are_filled_and_other_braces_kept() -> None:
+    from sage_prefect.controlplane.replicas import _fill
+
+    values = {"host": "10.0.0.7", "port": "41234", "model": "m", "python": "/venv/bin/python"}
+    argv = [
+        "{python}",
+        "-m",
+        "x",
+        "--host",
+        "{host}",
+        "--port={port}",
+        '--generation-config={"temperature": 0}',
+    ]
+    assert [_fill(a, values) for a in argv] == [
+        "/venv/bin/python",
+        "-m",
+        "x",
+        "--host",
+        "10.0.0.7",
+        "--port=41234",
+        '--generation-config={"temperature": 0}',
+    ]

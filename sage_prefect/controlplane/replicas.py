@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import json
 import os
 import signal
 import socket
@@ -108,6 +109,14 @@ def _die_with_parent() -> Any:
     return preexec
 
 
+def _fill(part: str, values: dict[str, str]) -> str:
+    """``{host}``, ``{port}``, ``{model}``, ``{python}``, ``{config}`` in one argument; any other
+    brace is left as it is (an argument may be JSON)."""
+    for name, value in values.items():
+        part = part.replace("{" + name + "}", value)
+    return part
+
+
 def _tail(path: Path, limit: int = 3000) -> str:
     try:
         with path.open("rb") as f:
@@ -164,11 +173,9 @@ def run_replica(spec: ReplicaSpec) -> str:
     fill = {"host": host, "port": str(port), "model": spec.model, "python": sys.executable}
     if spec.config is not None:
         config_file = log_dir / f"{stem}.json"
-        import json
-
         config_file.write_text(json.dumps({**spec.config, "host": host, "port": port}, indent=1))
         fill["config"] = str(config_file)
-    argv = [part.format(**fill) for part in spec.command]
+    argv = [_fill(part, fill) for part in spec.command]
     env = {**os.environ, **spec.env, "SAGE_REPLICA": spec.replica}
 
     def publish(state: str, **extra: Any) -> None:
