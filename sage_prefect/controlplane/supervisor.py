@@ -441,7 +441,8 @@ class Supervisor:
         if info.stopping:
             return
         if state == "starting":
-            self._mark_down(info, f"worker {info.worker} lost")  # Dask runs the task again elsewhere
+            if info.state == "ready":  # Dask runs the task again elsewhere: its worker died
+                self._mark_down(info, f"worker {info.worker} lost")
             if info.served:
                 info.restarts += 1
             info.state = "restarting" if info.served else "starting"
