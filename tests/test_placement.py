@@ -180,7 +180,10 @@ def test_a_killed_worker_brings_its_replica_back_elsewhere_without_losing_reques
                 info["state"] == "ready" and info["worker"] != victim["worker"] and info["restarts"] >= 1
             )
 
-        _wait(back, 180, f"{victim_id} to serve again on another worker")
+        try:
+            _wait(back, 180, f"{victim_id} to serve again on another worker")
+        except AssertionError as exc:  # say where it stood
+            raise AssertionError(f"{exc}; health: {_health(gpu_gateway)}; results: {results[-5:]}") from None
         recovered = time.monotonic() - killed_at
         time.sleep(2)  # load on the recovered replica too
         stop.set()
