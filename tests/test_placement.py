@@ -69,6 +69,13 @@ def _worker_pids(scheduler: str) -> dict[str, tuple[int, dict[str, float], str]]
     return {addr: (pids[addr], dict(info[addr]["resources"]), env[addr]) for addr in pids}
 
 
+def _listening(port: int) -> bool:
+    return any(
+        c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+        for c in psutil.net_connections("tcp")
+    )
+
+
 def _replica_pid(url: str) -> int:
     port = int(url.rsplit(":", 1)[1])
     for conn in psutil.net_connections("tcp"):
@@ -270,18 +277,9 @@ def test_engine_command_runs_any_openai_server_on_a_labelled_worker(tmp_path: Pa
         assert replica.environ().get("SAGE_TEST_MARK") == "command-replica"
         log = Path(info["log"])
         assert log.parent.name == "replicas" and "sage_prefect.controlplane.server" in log.read_text()
-        port = info["url"].rsplit(":", 1)[1]
+        port = int(info["url"].rsplit(":", 1)[1])
     # the gateway stopped: so did the replica's server
-    _wait(
-        lambda: (
-            not any(
-                c.status == psutil.CONN_LISTEN and c.laddr and str(c.laddr.port) == port
-                for c in psutil.net_connections("tcp")
-            )
-        ),
-        30,
-        "the replica's server to stop with the gateway",
-    )
+    _wait(lambda: not _listening(port), 30, "the replica's server to stop with the gateway")
 
 
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_after_the_cooldown(tmp_path: Path) -> None:
@@ -333,16 +331,7 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after_the_cooldown
         _wait(lambda: len(_health(bg)["placed"]) == 1, 60, "scale-down to one replica")
         (gone,) = set(urls) - set(_health(bg)["placed"])
         port = int(urls[gone].rsplit(":", 1)[1])
-        _wait(
-            lambda: (
-                not any(
-                    c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
-                    for c in psutil.net_connections("tcp")
-                )
-            ),
-            30,
-            f"the drained replica {gone}'s server to stop",
-        )
+        _wait(lambda: not _listening(port), 30, f"the drained replica {gone}'s server to stop")
         time.sleep(3)  # and it stays at min_replicas
         assert len(_health(bg)["placed"]) == 1
         out = OpenAI(base_url=bg.base_url, api_key="unused", max_retries=0).embeddings.create(

@@ -55,6 +55,23 @@ class InvalidRequest(ValueError):
 # ---------------------------------------------------------------------------------- request checks
 
 
+def content_text(content: Any) -> str:
+    """OpenAI message content as plain text (a string, or a list of ``{"type": "text"}`` parts)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "text":
+                parts.append(str(part.get("text", "")))
+            elif isinstance(part, str):
+                parts.append(part)
+        return "".join(parts)
+    return str(content)
+
+
 def check_context_length(n: int, max_tokens: int, context: int, model: str) -> None:
     """A prompt of ``n`` tokens plus ``max_tokens`` must fit the model's ``context`` (a 400
     ``context_length_exceeded`` naming ``messages`` or ``max_tokens`` otherwise)."""

@@ -78,6 +78,7 @@ from sage_prefect.controlplane.structured import (
     TokenConstraint,
     ToolCallReader,
     check_context_length,
+    content_text,
     messages_for_template,
     output_grammar,
 )
@@ -319,7 +320,7 @@ class TransformersLLMEngine(LLMEngine):
         return len(self._tok.encode(text))
 
     def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
-        normalised = [{**m, "content": _content_text(m.get("content"))} for m in messages]
+        normalised = [{**m, "content": content_text(m.get("content"))} for m in messages]
         if getattr(self._tok.hf, "chat_template", None):
             rendered = self._tok.hf.apply_chat_template(
                 messages_for_template(normalised, tools), tokenize=False, add_generation_prompt=True
@@ -900,20 +901,3 @@ def _max_token_bytes(backend: Any) -> int | None:
         return None
     longest = max((len(token) for token in backend.get_vocab(with_added_tokens=True)), default=0)
     return longest or None
-
-
-def _content_text(content: Any) -> str:
-    """OpenAI message content as plain text (a string, or a list of ``{"type": "text"}`` parts)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, dict) and part.get("type") == "text":
-                parts.append(str(part.get("text", "")))
-            elif isinstance(part, str):
-                parts.append(part)
-        return "".join(parts)
-    return str(content)

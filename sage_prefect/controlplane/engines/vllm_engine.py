@@ -60,7 +60,12 @@ from sage_prefect.controlplane.engines.base import (
     RequestFailed,
     TokenEvent,
 )
-from sage_prefect.controlplane.structured import InvalidRequest, check_context_length, messages_for_template
+from sage_prefect.controlplane.structured import (
+    InvalidRequest,
+    check_context_length,
+    content_text,
+    messages_for_template,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +195,7 @@ class VLLMEngine(LLMEngine):
     def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         if tools:
             raise InvalidRequest(TOOLS_REFUSED, "tools")
-        normalised = [{**m, "content": _content_text(m.get("content"))} for m in messages]
+        normalised = [{**m, "content": content_text(m.get("content"))} for m in messages]
         if getattr(self._tokenizer, "chat_template", None):
             with self._tok_lock:
                 rendered = self._tokenizer.apply_chat_template(
@@ -317,18 +322,3 @@ class VLLMEngine(LLMEngine):
             return
         self._closed = True
         self._engine.shutdown()
-
-
-def _content_text(content: Any) -> str:
-    """OpenAI message content as plain text (a string, or a list of ``{"type": "text"}`` parts)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            str(part.get("text", "")) if isinstance(part, dict) else str(part)
-            for part in content
-            if isinstance(part, str) or (isinstance(part, dict) and part.get("type") == "text")
-        )
-    return str(content)
